@@ -1,0 +1,73 @@
+"""One entry point that recognises a slide's format and calls the matching reader."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import GenemapInputError
+from .canonical import SlideInfo, build_spatialdata
+from .images import is_image_path, open_image
+from .legacy_st import legacy_st_files, read_her2st, read_legacy_st
+from .store import is_zarr_store, read_store
+from .visium import is_visium_folder, read_visium
+
+SUPPORTED = (
+    "a SpatialData .zarr store, a Visium folder, a HER2ST folder (with section=), an ST image with its "
+    "counts and alignment tables beside it, or a TIFF/OME-TIFF/JPEG/PNG slide"
+)
+
+
+def detect_format(path: str | os.PathLike) -> str | None:
+    """The reader a path needs ("zarr", "visium", "her2st", "legacy_st", "image"), or None; never raises."""
+    try:
+        path = Path(path)
+        if is_zarr_store(path):
+            return "zarr"
+        if is_visium_folder(path):
+            return "visium"
+        if path.is_dir() and all((path / sub).is_dir() for sub in ("images", "counts", "spots")):
+            return "her2st"
+        if path.is_file() and is_image_path(path):
+            files = legacy_st_files(path)
+            return files["fmt"] if files else "image"
+    except OSError:
+        return None
+    return None
+
+
+def read_image_slide(path: str | os.PathLike, mpp: float | None = None):
+    """A slide with no ST data: the image alone."""
+    pyramid = open_image(path, mpp=mpp)
+    return build_spatialdata(pyramid, SlideInfo(source=str(path), format="image"), mpp=pyramid.mpp)
+
+
+def read_slide(path: str | os.PathLike, *, section: str | None = None, mpp: float | None = None):
+    """Any supported slide as canonical SpatialData (see `napari_genemap.io.canonical`)."""
+    path = Path(path)
+    if not path.exists():
+        raise GenemapInputError(f"{path}: no such file or folder")
+    fmt = detect_format(path)
+    if fmt == "zarr":
+        return read_store(path)
+    if fmt == "visium":
+        return read_visium(path, mpp=mpp)
+    if fmt == "her2st" and path.is_dir():
+        if section is None:
+            sections = sorted(p.name.split(".")[0] for p in (path / "images").iterdir())
+            raise GenemapInputError(f"{path}: HER2ST folder needs a section (one of {', '.join(sections)})")
+        return read_her2st(path, section, mpp=mpp)
+    if fmt in ("her2st", "legacy_st"):
+        files = legacy_st_files(path)
+        return read_legacy_st(
+            files["image"],
+            files["counts"],
+            files["alignment"],
+            fmt=files["fmt"],
+            section=files["section"],
+            mpp=mpp,
+        )
+    if fmt == "image":
+        return read_image_slide(path, mpp=mpp)
+    kind = "folder" if path.is_dir() else "file"
+    raise GenemapInputError(f"{path}: this {kind} is not a slide napari-genemap reads; expected {SUPPORTED}")

@@ -1,0 +1,104 @@
+"""Canonical slides as napari layer-data tuples (plain data: no napari or Qt import here).
+
+Layers are in µm: ``scale`` is the slide's µm per pixel, so the H&E, measured spots and, later, gene maps
+line up whatever their resolution. Each layer's ``metadata["genemap"]`` says which element of which slide
+it shows, and ``metadata["sdata"]`` holds the slide so a writer can save it back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, ImagePyramid, image_levels, slide_info, spot_geometry
+
+#: Genes offered as spot colours: the most variable ones (all of them for small panels).
+MAX_SPOT_FEATURES = 100
+
+
+def slide_name(sdata) -> str:
+    info = slide_info(sdata)
+    return info.get("section") or Path(info.get("source", "slide")).name.split(".")[0]
+
+
+def image_layer(sdata) -> tuple:
+    levels, scales = image_levels(sdata)
+    mpp = slide_info(sdata)["mpp"]
+    data = [level.transpose(1, 2, 0) for level in levels]
+    meta = {
+        "name": f"{slide_name(sdata)} H&E",
+        "rgb": True,
+        "multiscale": True,
+        "scale": (mpp * scales[0], mpp * scales[0]),
+        "units": ("µm", "µm"),
+        "metadata": {"genemap": {"element": IMAGE_KEY, **slide_info(sdata)}, "sdata": sdata},
+    }
+    return data, meta, "image"
+
+
+def pyramid_layer(pyramid: ImagePyramid) -> tuple:
+    """An image alone; in pixels when the file gives no pixel size."""
+    scale = (pyramid.mpp, pyramid.mpp) if pyramid.mpp else (1.0, 1.0)
+    meta = {
+        "name": pyramid.path.name,
+        "rgb": True,
+        "multiscale": True,
+        "scale": scale,
+        "units": ("µm", "µm") if pyramid.mpp else ("pixel", "pixel"),
+        "metadata": {"genemap": {"element": IMAGE_KEY, "source": str(pyramid.path), "mpp": pyramid.mpp}},
+    }
+    return [level.transpose(1, 2, 0) for level in pyramid.levels], meta, "image"
+
+
+def log_normalised(table) -> pd.DataFrame:
+    """Counts scaled to 1e4 per spot, then natural log1p: the usual scale for looking at one gene."""
+    counts = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+    totals = counts.sum(1, keepdims=True)
+    values = np.log1p(counts * (1e4 / np.where(totals == 0, 1, totals)))
+    return pd.DataFrame(values, columns=table.var_names.astype(str), index=table.obs_names.astype(str))
+
+
+def spot_features(table, gene: str | None = None) -> pd.DataFrame:
+    values = log_normalised(table)
+    order = values.var(0).sort_values(ascending=False, kind="stable").index
+    columns = list(order[:MAX_SPOT_FEATURES])
+    if gene is not None and gene not in columns:
+        columns.insert(0, gene)
+    return values[columns].reset_index(drop=True)
+
+
+def spots_layer(sdata, gene: str | None = None) -> tuple | None:
+    """Measured spots as points coloured by ``gene`` (default: the most variable gene)."""
+    if SPOTS_KEY not in sdata.shapes or TABLE_KEY not in sdata.tables:
+        return None
+    table = sdata.tables[TABLE_KEY]
+    if gene is not None and gene not in table.var_names:
+        raise KeyError(f"gene {gene!r} is not measured on this slide")
+    centers, radius = spot_geometry(sdata)
+    mpp = slide_info(sdata)["mpp"]
+    features = spot_features(table, gene)
+    gene = gene or features.columns[0]
+    features.insert(0, "spot", table.obs_names.astype(str))
+    meta = {
+        "name": f"{slide_name(sdata)} spots",
+        "features": features,
+        "size": 2 * radius,
+        "scale": (mpp, mpp),
+        "units": ("µm", "µm"),
+        "face_color": gene,
+        "face_colormap": "viridis",
+        "border_width": 0,
+        "opacity": 0.8,
+        "metadata": {"genemap": {"element": SPOTS_KEY, "gene": gene, **slide_info(sdata)}, "sdata": sdata},
+    }
+    return centers[:, ::-1].copy(), meta, "points"
+
+
+def slide_layers(sdata, gene: str | None = None) -> list[tuple]:
+    layers = [image_layer(sdata)]
+    spots = spots_layer(sdata, gene)
+    if spots is not None:
+        layers.append(spots)
+    return layers
