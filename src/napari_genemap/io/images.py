@@ -7,6 +7,7 @@ have no tiles: they are decoded once, on the first read, and the pyramid is buil
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import weakref
@@ -153,8 +154,9 @@ def _jpeg_has_end_marker(path: Path) -> bool:
 
 
 def _file_token(path: Path) -> str:
+    """A dask name that is the same in every process for the same file version."""
     stat = path.stat()
-    return f"{abs(hash((str(path.resolve()), stat.st_size, stat.st_mtime_ns))):x}"
+    return hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 # --- TIFF --------------------------------------------------------------------------------------------
