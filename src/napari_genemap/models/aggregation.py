@@ -16,8 +16,6 @@ with an output stride s, divide image coordinates and radii by s (`aggregate_dis
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -120,7 +118,3 @@ def aggregate_disks(
     radii = torch.as_tensor(radii, dtype=torch.float64) / stride
     weights = disk_weights(centers, radii, height, width).to(dense_map.dtype).to(dense_map.device)
     return torch.sparse.mm(weights, dense_map.reshape(genes, height * width).T)
-
-
-def disk_area(radius: float) -> float:
-    return math.pi * radius**2
