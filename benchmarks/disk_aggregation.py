@@ -34,7 +34,8 @@ def main() -> None:
         f"{args.spots} disks (radius 0.5-50 map px, log-uniform), {args.genes} genes, {args.size}^2 map, "
         f"{torch.get_num_threads()} threads"
     )
-    print(f"weights only:        {weighted - started:.2f} s ({weights._nnz() / 1e6:.1f} M non-zeros)")
+    nonzeros = (weights.rim._nnz() + weights.span._nnz()) / 1e6
+    print(f"weights only:        {weighted - started:.2f} s ({nonzeros:.1f} M non-zeros, rim + row spans)")
     print(f"weights + integral:  {total - weighted:.2f} s -> {args.spots / (total - weighted):,.0f} spots/s")
 
 

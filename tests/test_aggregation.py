@@ -105,7 +105,14 @@ def test_stride_converts_image_pixels_to_map_pixels():
 
 
 def test_weights_are_sparse_and_refuse_bad_radii():
-    weights = disk_weights(torch.tensor([[50.0, 50.0]]), torch.tensor([3.0]), 100, 100)
-    assert weights.is_sparse and weights._nnz() <= 49
+    rim, span = disk_weights(torch.tensor([[50.0, 50.0]]), torch.tensor([30.0]), 100, 100)
+    assert rim.is_sparse and span.is_sparse
+    # O(radius) entries: 58 rows with an interior run (2 each; the first and last rows are all rim) and the
+    # cut rim pixels, not the ~2,800 pixels inside
+    assert span._nnz() == 2 * 58 and rim._nnz() < 400
     with pytest.raises(ValueError, match="positive"):
         disk_weights(torch.tensor([[1.0, 1.0]]), torch.tensor([0.0]), 4, 4)
+
+
+def test_no_disks_give_an_empty_result():
+    assert aggregate_disks(torch.rand(3, 8, 8), torch.zeros(0, 2), torch.zeros(0)).shape == (0, 3)

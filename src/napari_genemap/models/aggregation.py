@@ -16,6 +16,8 @@ with an output stride s, divide image coordinates and radii by s (`aggregate_dis
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
@@ -64,8 +66,28 @@ def disk_rectangle_area(
     return area.clamp(min=0)
 
 
-def disk_weights(centers: torch.Tensor, radii: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Sparse (spots, height*width) matrix of each pixel's area inside each disk (map units).
+class DiskWeights(NamedTuple):
+    """The disk integral as two sparse matrices: ``rim @ G + span @ cumsum(G, along rows)``.
+
+    Pixels wholly inside a disk weigh exactly 1, so each map row's run of them is a difference of two
+    entries of the row-wise cumulative sum (``span``: +1 at the run's last pixel, -1 before its first); only
+    the pixels the rim cuts need the closed-form area (``rim``). That makes the work per disk O(radius)
+    instead of O(radius^2): a 50 px disk touches ~100 rows and ~400 rim pixels rather than 10,000 pixels.
+    """
+
+    rim: torch.Tensor  # sparse (spots, H*W): partial-pixel areas
+    span: torch.Tensor  # sparse (spots, H*W): +-1 on the row-wise cumulative sum
+
+
+def _runs(starts: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For runs (start, count): the run index and the value start + k of every element, concatenated."""
+    owner = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    return owner, starts[owner] + torch.arange(int(counts.sum())) - first[owner]
+
+
+def disk_weights(centers: torch.Tensor, radii: torch.Tensor, height: int, width: int) -> DiskWeights:
+    """The sparse weights of the integral over each disk of a (height, width) map (map pixels).
 
     Pixels outside the map contribute nothing: a disk over the border integrates what the map holds.
     """
@@ -75,35 +97,55 @@ def disk_weights(centers: torch.Tensor, radii: torch.Tensor, height: int, width:
         raise ValueError(f"centers {tuple(centers.shape)} and radii {tuple(radii.shape)}: expected (n, 2) and (n,)")
     if not bool(torch.all(radii > 0)):
         raise ValueError("disk radii must be positive")
-    rows, columns, values = [], [], []
-    # Spots are grouped by the side of their pixel window so each group is one dense, vectorised block.
-    sides = (torch.ceil(2 * radii) + 1).to(torch.int64)
-    for side in torch.unique(sides).tolist():
-        members = torch.nonzero(sides == side).reshape(-1)
-        offsets = torch.arange(side + 1, dtype=torch.float64)
-        chunk = max(1, 2**20 // (side + 1) ** 2)  # about 8 MB per float64 temporary
-        for start in range(0, len(members), chunk):
-            spots = members[start : start + chunk]
-            cx, cy, r = centers[spots, 0], centers[spots, 1], radii[spots]
-            x_edges = torch.floor(cx - r)[:, None] + offsets  # (n, side + 1) pixel column edges
-            y_edges = torch.floor(cy - r)[:, None] + offsets  # (n, side + 1) pixel row edges
-            # the corner function once per pixel corner, then each pixel by inclusion-exclusion
-            corner = _corner_area(
-                (x_edges - cx[:, None])[:, None, :], (y_edges - cy[:, None])[:, :, None], r[:, None, None]
-            )
-            area = (corner[:, 1:, 1:] - corner[:, :-1, 1:] - corner[:, 1:, :-1] + corner[:, :-1, :-1]).clamp(min=0)
-            left, top = x_edges[:, :-1], y_edges[:, :-1]
-            column = left[:, None, :].expand_as(area)
-            row = top[:, :, None].expand_as(area)
-            keep = (area > 0) & (column >= 0) & (column < width) & (row >= 0) & (row < height)
-            spot_index = spots[:, None, None].expand_as(area)
-            rows.append(spot_index[keep])
-            columns.append((row[keep] * width + column[keep]).to(torch.int64))
-            values.append(area[keep])
-    indices = torch.stack([torch.cat(rows), torch.cat(columns)])
+    # one entry per (disk, map row) the disk crosses, rows clipped to the map
+    top = torch.floor(centers[:, 1] - radii).clamp(0, height).to(torch.int64)
+    bottom = torch.ceil(centers[:, 1] + radii).clamp(0, height).to(torch.int64)
+    spot, row = _runs(top, (bottom - top).clamp(min=0))
+    cx, cy, r = centers[spot, 0], centers[spot, 1], radii[spot]
+    near = torch.clamp(cy, row, row + 1) - cy  # the strip's y closest to the centre (0 when it holds it)
+    far = torch.maximum((row - cy).abs(), (row + 1 - cy).abs())
+    outer = torch.sqrt(torch.clamp(r**2 - near**2, min=0))  # half-chord where the strip is widest
+    inner = torch.sqrt(torch.clamp(r**2 - far**2, min=0))  # half-chord where it is narrowest
+    left_out = torch.floor(cx - outer).to(torch.int64)
+    right_out = torch.ceil(cx + outer).to(torch.int64)  # exclusive
+    left_in = torch.ceil(cx - inner).to(torch.int64)
+    right_in = torch.floor(cx + inner).to(torch.int64)  # exclusive: pixels [left_in, right_in) are whole
+    solid = (far < r) & (right_in > left_in)
+    left_in = torch.where(solid, left_in, right_out)
+    right_in = torch.where(solid, right_in, right_out)
+    # interior runs: +1 at the run's last pixel and -1 just before its first, on the row-wise cumsum
+    run_left, run_right = left_in.clamp(0, width), right_in.clamp(0, width)
+    has_run = run_right > run_left
+    span_rows = torch.cat([spot[has_run], spot[has_run & (run_left > 0)]])
+    span_columns = torch.cat(
+        [
+            row[has_run] * width + run_right[has_run] - 1,
+            row[has_run & (run_left > 0)] * width + run_left[has_run & (run_left > 0)] - 1,
+        ]
+    )
+    span_values = torch.cat(
+        [
+            torch.ones(int(has_run.sum()), dtype=torch.float64),
+            -torch.ones(int((has_run & (run_left > 0)).sum()), dtype=torch.float64),
+        ]
+    )
+    # rim pixels: [left_out, left_in) and [right_in, right_out) of each row, area by the closed form
+    starts = torch.cat([left_out, right_in])
+    counts = torch.cat([left_in - left_out, right_out - right_in]).clamp(min=0)
+    which, column = _runs(starts, counts)
+    which = which % len(spot)
+    rim_spot, rim_row = spot[which], row[which]
+    area = disk_rectangle_area(
+        column - cx[which], column + 1 - cx[which], rim_row - cy[which], rim_row + 1 - cy[which], r[which]
+    )
+    keep = (area > 0) & (column >= 0) & (column < width)
     shape = (len(radii), height * width)
-    # indices are in range by construction (the `keep` mask), so torch's invariant check is skipped
-    return torch.sparse_coo_tensor(indices, torch.cat(values), shape, check_invariants=False).coalesce()
+    # indices are in range by construction (rows and columns clipped to the map), so torch's check is skipped
+    rim = torch.sparse_coo_tensor(
+        torch.stack([rim_spot[keep], rim_row[keep] * width + column[keep]]), area[keep], shape, check_invariants=False
+    )
+    span = torch.sparse_coo_tensor(torch.stack([span_rows, span_columns]), span_values, shape, check_invariants=False)
+    return DiskWeights(rim.coalesce(), span.coalesce())
 
 
 def aggregate_disks(
@@ -112,9 +154,14 @@ def aggregate_disks(
     """Integral of ``dense_map`` (genes, H, W) over each disk -> (spots, genes); differentiable in the map.
 
     ``centers`` (x, y) and ``radii`` are in image pixels when ``stride`` is the map's output stride.
+    Half-precision maps are integrated in float32 (the row-wise cumulative sum needs the mantissa).
     """
     genes, height, width = dense_map.shape
+    if dense_map.dtype in (torch.float16, torch.bfloat16):
+        dense_map = dense_map.float()
     centers = torch.as_tensor(centers, dtype=torch.float64) / stride
     radii = torch.as_tensor(radii, dtype=torch.float64) / stride
-    weights = disk_weights(centers, radii, height, width).to(dense_map.dtype).to(dense_map.device)
-    return torch.sparse.mm(weights, dense_map.reshape(genes, height * width).T)
+    rim, span = (w.to(dense_map.dtype).to(dense_map.device) for w in disk_weights(centers, radii, height, width))
+    flat = dense_map.reshape(genes, height * width).T
+    cumulative = torch.cumsum(dense_map, dim=-1).reshape(genes, height * width).T
+    return torch.sparse.mm(rim, flat) + torch.sparse.mm(span, cumulative)
