@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 import pytest
+
+# torchvision, timm and diffusers import triton, which segfaults when imported after Mesa's GL context
+# exists (the GUI tests create one); importing it first makes the test order irrelevant.
+with contextlib.suppress(ImportError):
+    import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -31,3 +37,11 @@ def sample_copy(tmp_path) -> Path:
     target = tmp_path / "her2st"
     shutil.copytree(sample_root(), target)
     return target
+
+
+@pytest.fixture(scope="session")
+def sample_slide():
+    """The bundled HER2ST crop as a canonical SpatialData (49 spots, 785 genes, 0.6875 µm/px)."""
+    from napari_genemap.sample import read_sample
+
+    return read_sample()

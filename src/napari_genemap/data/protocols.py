@@ -73,18 +73,23 @@ class Protocol:
         subset = adata[:, list(self.genes)].X
         return np.asarray(subset.toarray() if hasattr(subset, "toarray") else subset, dtype=np.float64)
 
-    def normalise(self, raw: np.ndarray) -> np.ndarray:
+    def normalise(self, raw: np.ndarray, total: np.ndarray | None = None, genes: Sequence[str] | None = None):
         """Raw-scale values (spots, genes) -> protocol values; works on numpy arrays and torch tensors.
 
-        A spot whose selected genes sum to zero stays all zeros (there is nothing to scale).
+        ``genes`` names the columns when they are a subset of the protocol's genes; then ``total`` (spots,)
+        must give each spot's sum over *all* the protocol's genes, which a total-scaling protocol needs.
+        A spot whose total is zero stays all zeros (there is nothing to scale).
         """
-        if raw.shape[-1] != self.n_genes:
-            raise GenemapInputError(
-                f"protocol {self.name!r}: values have {raw.shape[-1]} genes; expected {self.n_genes}"
-            )
+        expected = self.n_genes if genes is None else len(genes)
+        if genes is not None and not set(genes) <= set(self.genes):
+            raise GenemapInputError(f"protocol {self.name!r}: some of the given genes are not among its genes")
+        if raw.shape[-1] != expected:
+            raise GenemapInputError(f"protocol {self.name!r}: values have {raw.shape[-1]} genes; expected {expected}")
+        if genes is not None and len(genes) < self.n_genes and self.target_sum is not None and total is None:
+            raise GenemapInputError(f"protocol {self.name!r}: a subset of genes needs each spot's total")
         values = raw
         if self.target_sum is not None:
-            total = values.sum(-1, keepdims=True)
+            total = values.sum(-1, keepdims=True) if total is None else total.reshape(*total.shape, 1)
             scale = self.target_sum / (total + (total == 0))
             values = values * scale
         if isinstance(values, np.ndarray):

@@ -1,0 +1,1 @@
+"""Prediction with trained models: spots from windows now; the tiled lazy engine next."""

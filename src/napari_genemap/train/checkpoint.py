@@ -1,0 +1,200 @@
+"""Checkpoints: a folder with ``model.safetensors`` (weights only) and ``config.json`` (everything else).
+
+The JSON holds the architecture, the gene list, the protocol, the µm/px the model was trained at, the
+training window and the provenance of the training data, so a checkpoint rebuilds and explains itself.
+Loading never unpickles: safetensors holds tensors only. A checkpoint is written to a temporary sibling
+folder and renamed into place, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data.protocols import Protocol
+from ..errors import GenemapInputError
+from ..models.pixnet import PixNet, PixNetConfig
+
+FORMAT = "napari-genemap/pixnet"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class GeneMapModel:
+    """A loaded PixNet with what it takes to use it on a slide."""
+
+    model: PixNet
+    protocol: Protocol
+    mpp: float  # µm per input pixel the model was trained at
+    window: int  # training window side in input pixels
+    path: Path | None = None
+    provenance: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    digest: str = ""  # sha256 of the weights file: identifies the checkpoint in caches
+
+    @property
+    def genes(self) -> tuple[str, ...]:
+        return self.protocol.genes
+
+    @property
+    def stride(self) -> int:
+        return self.model.stride
+
+
+def save_checkpoint(
+    target: str | os.PathLike,
+    model: PixNet,
+    *,
+    protocol: Protocol,
+    mpp: float,
+    window: int,
+    provenance: dict | None = None,
+    metrics: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a checkpoint folder atomically (temporary sibling, then rename over any old one)."""
+    from safetensors.torch import save_file
+
+    from .. import __version__
+
+    if protocol.n_genes != model.config.n_genes:
+        raise GenemapInputError(f"protocol has {protocol.n_genes} genes; the model predicts {model.config.n_genes}")
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "architecture": model.config.to_dict(),
+        "genes": list(protocol.genes),
+        "protocol": protocol.to_dict(),
+        "mpp": float(mpp),
+        "window": int(window),
+        "provenance": provenance or {},
+        "metrics": metrics or {},
+    }
+    state = {
+        key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
+        for key, value in model.state_dict().items()
+        if not key.endswith("num_batches_tracked")
+    }
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_file(state, os.fspath(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        for path, mode in ((staging, 0o755), (staging / WEIGHTS_FILE, 0o644), (staging / CONFIG_FILE, 0o644)):
+            path.chmod(mode)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            target.rename(old)
+        staging.rename(target)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _checkpoint_folder(path: Path) -> Path:
+    if path.is_file() and path.name in (WEIGHTS_FILE, CONFIG_FILE):
+        return path.parent
+    if not path.exists():
+        raise GenemapInputError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise GenemapInputError(
+            f"{path}: not a checkpoint (expected a folder holding {WEIGHTS_FILE} and {CONFIG_FILE})"
+        )
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        if not (path / name).is_file():
+            raise GenemapInputError(f"{path}: checkpoint folder lacks {name}")
+    return path
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The checkpoint's JSON config, checked for format and version."""
+    folder = _checkpoint_folder(Path(path))
+    config_path = folder / CONFIG_FILE
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GenemapInputError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise GenemapInputError(f"{config_path}: field 'format' is {config.get('format')!r}; expected {FORMAT!r}")
+    version = config.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise GenemapInputError(
+            f"{config_path}: format_version {version!r} is newer than this napari-genemap reads "
+            f"({FORMAT_VERSION}); upgrade napari-genemap"
+        )
+    for key in ("architecture", "genes", "protocol", "mpp", "window"):
+        if key not in config:
+            raise GenemapInputError(f"{config_path}: field {key!r} is missing")
+    return config
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GeneMapModel:
+    """Rebuild the model from its config and load the weights (safetensors only; cast to float32)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = _checkpoint_folder(Path(path))
+    config = read_checkpoint_config(folder)
+    config_path = folder / CONFIG_FILE
+    try:
+        architecture = PixNetConfig.from_dict(config["architecture"])
+        protocol = Protocol.from_dict(config["protocol"])
+    except (TypeError, KeyError) as error:
+        raise GenemapInputError(f"{config_path}: field 'architecture' or 'protocol' is malformed ({error})") from None
+    genes = list(config["genes"])
+    if len(genes) != architecture.n_genes or list(protocol.genes) != genes:
+        raise GenemapInputError(
+            f"{config_path}: {len(genes)} genes listed but the architecture predicts {architecture.n_genes} "
+            f"and the protocol holds {protocol.n_genes}"
+        )
+    weights_path = folder / WEIGHTS_FILE
+    try:
+        state = load_file(os.fspath(weights_path))
+    except (SafetensorError, OSError) as error:
+        raise GenemapInputError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    head = state.get("head.weight")
+    if head is None or head.shape[0] != len(genes):
+        found = "no head" if head is None else f"a head for {head.shape[0]} genes"
+        raise GenemapInputError(f"{weights_path}: holds {found}; {config_path} lists {len(genes)} genes")
+    model = PixNet(architecture, load_encoder_weights=False)
+    expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        name = sorted(missing or unexpected)[0]
+        raise GenemapInputError(
+            f"{weights_path}: does not match its architecture ({len(missing)} weights missing, "
+            f"{len(unexpected)} unexpected, e.g. {name!r})"
+        )
+    own = model.state_dict()
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise GenemapInputError(
+                f"{weights_path}: weight {key!r} has shape {tuple(value.shape)}; expected {tuple(own[key].shape)}"
+            )
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.to(device).eval()
+    return GeneMapModel(
+        model=model,
+        protocol=protocol,
+        mpp=float(config["mpp"]),
+        window=int(config["window"]),
+        path=folder,
+        provenance=config.get("provenance", {}),
+        metrics=config.get("metrics", {}),
+        digest=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+    )

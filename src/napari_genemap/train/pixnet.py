@@ -1,0 +1,258 @@
+"""Train PixNet on slides with measured spots; select the checkpoint on held-out validation sections.
+
+``genemap train pixnet --config run.toml`` calls `train_pixnet`. Validation sections are never trained on;
+the saved checkpoint is the one with the best validation mean Pearson (the protocol's genes, per section,
+undefined genes omitted), or the last one when no validation section is named. A test section belongs
+to neither list: pass it only to the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.protocols import Protocol, get_protocol
+from ..data.windows import TrainingSlide, WindowSampler, load_training_slide
+from ..errors import GenemapInputError
+from ..evaluate.metrics import summarise_unit
+from ..infer.spots import predict_spots
+from ..models.aggregation import aggregate_disks
+from ..models.encoders import EncoderConfig
+from ..models.pixnet import PixNet, PixNetConfig
+from .checkpoint import save_checkpoint
+from .losses import spot_loss
+from .schedule import warmup_cosine
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; readable from TOML or JSON (`from_file`)."""
+
+    slides: list[dict]  # each {"path": ..., "section": ... (optional), "name": ... (optional)}
+    out: str  # checkpoint folder
+    validation: list[str] = field(default_factory=list)  # slide names held out for checkpoint selection
+    protocol: str = "hist2st"
+    mpp: float = 2.0  # µm per input pixel the model works at
+    window: int = 256  # training window side, input pixels (multiple of 32)
+    batch: int = 8
+    steps: int = 400
+    lr: float = 5e-4
+    encoder_lr_factor: float = 0.3  # the pretrained encoder moves slower than the new decoder
+    weight_decay: float = 1e-4
+    raw_weight: float = 0.1
+    encoder: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    stride: int = 4
+    eval_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    save_dtype: str = "float32"  # "float16" halves the shipped file
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GenemapInputError(f"{source}: unknown field {unknown[0]!r}; expected one of {sorted(known)}")
+        for required in ("slides", "out"):
+            if required not in data:
+                raise GenemapInputError(f"{source}: field {required!r} is missing")
+        config = cls(**data)
+        config.check(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise GenemapInputError(f"{path}: no such training config")
+        try:
+            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            raise GenemapInputError(f"{path}: cannot parse ({error})") from None
+        config = cls.from_dict(data, source=str(path))
+        base = path.parent  # relative slide and output paths are relative to the config file
+        config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
+        config.out = os.path.normpath(base / config.out)
+        return config
+
+    def check(self, source: str = "config") -> None:
+        if not self.slides or not all(isinstance(s, dict) and "path" in s for s in self.slides):
+            raise GenemapInputError(f"{source}: field 'slides' must list tables with a 'path'")
+        if self.window % PixNet.input_multiple:
+            raise GenemapInputError(f"{source}: window {self.window}: expected a multiple of 32")
+        if self.steps < 1 or self.batch < 1 or self.mpp <= 0:
+            raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
+        if self.save_dtype not in ("float32", "float16"):
+            raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def slide_name(spec: dict) -> str:
+    return spec.get("name") or spec.get("section") or Path(spec["path"]).stem
+
+
+def load_slides(config: TrainConfig, protocol: Protocol | None = None) -> tuple[dict[str, TrainingSlide], Protocol]:
+    """Read every slide of the config at the model's µm/px; the protocol's genes come from training slides."""
+    from ..io import counts_table, read_slide
+
+    sdatas = {slide_name(s): read_slide(s["path"], section=s.get("section")) for s in config.slides}
+    missing = [name for name in config.validation if name not in sdatas]
+    if missing:
+        raise GenemapInputError(f"validation slide {missing[0]!r} is not among the slides {sorted(sdatas)}")
+    if protocol is None:
+        training = [counts_table(s) for name, s in sdatas.items() if name not in config.validation]
+        protocol = get_protocol(config.protocol, training)
+    return {name: load_training_slide(s, protocol, config.mpp, name) for name, s in sdatas.items()}, protocol
+
+
+def evaluate_slides(model: PixNet, slides: list[TrainingSlide], protocol: Protocol, window: int) -> dict[str, float]:
+    """Mean Pearson per slide (protocol values, undefined genes omitted) from spot-centred windows."""
+    scores = {}
+    for slide in slides:
+        raw = predict_spots(model, slide.image, slide.centers, slide.radii, window)
+        scores[slide.name] = float(summarise_unit(protocol.normalise(raw), slide.targets)["PCC@M"])
+    return scores
+
+
+def mean_density(slides: list[TrainingSlide], stride: int) -> torch.Tensor:
+    """Mean counts per output pixel of each gene over the training spots (the head's starting point)."""
+    raw = np.concatenate([s.raw for s in slides])
+    area = np.concatenate([np.pi * (s.radii / stride) ** 2 for s in slides])
+    return torch.as_tensor(raw.sum(0) / area.sum(), dtype=torch.float32)
+
+
+def train_pixnet(
+    config: TrainConfig,
+    *,
+    slides: dict[str, TrainingSlide] | None = None,
+    protocol: Protocol | None = None,
+    progress: Progress | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Train, validate every ``eval_every`` steps, keep the best checkpoint; returns a summary.
+
+    ``slides`` and ``protocol`` may be given pre-loaded together (the benchmark reuses them across folds).
+    Cancelling stops after the current step; the checkpoint on disk is then the best one so far.
+    """
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    if slides is None:
+        slides, protocol = load_slides(config, protocol)
+    elif protocol is None:
+        raise GenemapInputError("pre-loaded slides need the protocol their targets were normalised with")
+    train_slides = [s for name, s in slides.items() if name not in config.validation]
+    valid_slides = [slides[name] for name in config.validation]
+    if not train_slides:
+        raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
+    model_config = PixNetConfig(
+        n_genes=protocol.n_genes, encoder=EncoderConfig(config.encoder, config.weights), stride=config.stride
+    )
+    model = PixNet(model_config).to(device)
+    model.set_output_scale(mean_density(train_slides, config.stride))
+    encoder_params = list(model.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": encoder_params, "lr": config.lr * config.encoder_lr_factor},
+            {"params": decoder_params, "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    schedule = warmup_cosine(optimiser, config.steps)
+    sampler = WindowSampler(train_slides, config.window, augment=True, seed=config.seed)
+    provenance = {
+        "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
+        "validation": list(config.validation),
+        "config": asdict(config),
+    }
+    save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    best, history, started = -math.inf, [], time.perf_counter()
+    cancelled = False
+    running = None
+    for step in range(1, config.steps + 1):
+        if cancel is not None and cancel():
+            cancelled = True
+            break
+        model.train()
+        batch = sampler.batch(config.batch)
+        images = torch.from_numpy(batch.images).to(device)
+        density = model(images)
+        predicted = torch.cat(
+            [
+                aggregate_disks(density[i], torch.as_tensor(c), torch.as_tensor(r), stride=config.stride)
+                for i, (c, r) in enumerate(zip(batch.centers, batch.radii, strict=True))
+            ]
+        )
+        terms = spot_loss(
+            predicted,
+            torch.from_numpy(batch.raw).to(device),
+            torch.from_numpy(batch.targets).to(device),
+            protocol,
+            config.raw_weight,
+        )
+        optimiser.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimiser.step()
+        schedule.step()
+        loss = float(terms["loss"].detach())
+        running = loss if running is None else 0.9 * running + 0.1 * loss
+        if progress is not None:
+            progress(step, config.steps, f"loss {running:.4f}")
+        record = {
+            "step": step,
+            "loss": loss,
+            "pearson": float(terms["pearson"].detach()),
+            "seconds": time.perf_counter() - started,
+        }
+        last = step == config.steps
+        if (valid_slides and (step % config.eval_every == 0 or last)) or (not valid_slides and last):
+            scores = evaluate_slides(model, valid_slides, protocol, config.window) if valid_slides else {}
+            score = float(np.nanmean(list(scores.values()))) if scores else float(step)
+            record["validation"] = scores
+            if score > best:
+                best = score
+                save_checkpoint(
+                    config.out,
+                    model,
+                    protocol=protocol,
+                    mpp=config.mpp,
+                    window=config.window,
+                    provenance=provenance,
+                    metrics={"step": step, "validation_pcc_mean": scores or None},
+                    dtype=save_dtype,
+                )
+                record["saved"] = True
+        history.append(record)
+        if on_metrics is not None:
+            on_metrics(record)
+    return {
+        "checkpoint": config.out if best > -math.inf else None,
+        "best_validation": best if valid_slides and best > -math.inf else None,
+        "steps": len(history),
+        "cancelled": cancelled,
+        "seconds": time.perf_counter() - started,
+        "history": history,
+    }
