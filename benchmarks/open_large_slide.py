@@ -58,6 +58,14 @@ def write_slide(path: Path, size: int) -> None:
             tif.write(tile_iterator(level), shape=(level, level, 3), subfiletype=1, **options)
 
 
+def ensure_slide(path: Path, size: int) -> None:
+    """Write the synthetic slide unless it is already there (it takes minutes)."""
+    if not path.exists():
+        started = time.perf_counter()
+        write_slide(path, size)
+        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - started:.0f} s")
+
+
 MEASURE = """
 import json, sys, time
 import psutil
@@ -82,10 +90,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--path", type=Path, default=Path("/tmp/genemap_large_slide.ome.tif"))
     args = parser.parse_args()
-    if not args.path.exists():
-        started = time.perf_counter()
-        write_slide(args.path, args.size)
-        print(f"wrote {args.path} ({args.path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - started:.0f} s")
+    ensure_slide(args.path, args.size)
     result = json.loads(
         subprocess.run(
             [sys.executable, "-c", MEASURE, str(args.path)], capture_output=True, text=True, check=True

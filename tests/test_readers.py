@@ -125,7 +125,7 @@ def test_layout_is_recognised_from_the_image_path(shared_data, tmp_path):
 
 def test_image_only_slide_needs_a_pixel_size(shared_data):
     path = shared_data / "visium_mouse_brain" / "test_img.jpg"
-    with pytest.raises(GenemapInputError, match="pixel size unknown; pass mpp"):
+    with pytest.raises(GenemapInputError, match="pixel size unknown; pass its µm per pixel"):
         read_slide(path)
     sdata = read_slide(path, mpp=0.5)
     assert slide_mpp(sdata) == 0.5

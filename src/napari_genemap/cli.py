@@ -57,8 +57,126 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out))
+    run_demo(Path(args.out), Path(args.model) if args.model else None)
     return 0
+
+
+def cmd_train(args) -> int:
+    """Train in this process; SIGINT/SIGTERM stop after the current step, keeping the best checkpoint."""
+    import json
+    import signal
+
+    from tqdm import tqdm
+
+    from .train.pixnet import TrainConfig, train_pixnet
+
+    config = TrainConfig.from_file(args.config)
+    if args.out:
+        config.out = args.out
+    stop = []
+    previous = {
+        signum: signal.signal(signum, lambda *_: stop.append(True)) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+
+    def emit(event: dict) -> None:  # machine-readable progress for the napari training panel and pipelines
+        print(json.dumps(event), flush=True)
+
+    bar = None if args.jsonl else tqdm(total=config.steps, desc="training PixNet", unit="step")
+
+    def progress(done: int, total: int, message: str) -> None:
+        if bar is not None:
+            bar.update(done - bar.n)
+            bar.set_postfix_str(message)
+
+    def on_metrics(record: dict) -> None:
+        if bar is None:
+            emit({"event": "step", "total": config.steps, **record})
+        elif "validation" in record:
+            bar.write(_validation_line(record))
+
+    try:
+        summary = train_pixnet(config, progress=progress, on_metrics=on_metrics, cancel=lambda: bool(stop))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    result = {k: summary[k] for k in ("checkpoint", "best_validation", "steps", "cancelled", "seconds")}
+    if bar is None:
+        emit({"event": "done", **result})
+    else:
+        bar.close()
+        print(
+            f"{'cancelled' if summary['cancelled'] else 'finished'} after {summary['steps']} steps; "
+            f"checkpoint: {summary['checkpoint']}"
+        )
+    return 0 if summary["checkpoint"] else 1
+
+
+def cmd_predict(args) -> int:
+    from tqdm import tqdm
+
+    from .checkpoints import shipped_checkpoint
+    from .infer.predict import EngineSpec, predict_slide
+    from .train.checkpoint import read_checkpoint_config
+
+    checkpoint = Path(args.model) if args.model else shipped_checkpoint()
+    read_checkpoint_config(checkpoint)  # a bad checkpoint fails here, before any slide is read
+    out = Path(args.out)
+    spec = EngineSpec(
+        slide=str(Path(args.slide).resolve()),
+        checkpoint=str(checkpoint.resolve()),
+        cache_root=str(Path(args.cache).resolve() if args.cache else out.resolve().parent / f"{out.name}.cache"),
+        section=args.section,
+        mpp=args.mpp,
+        tile=args.tile,
+        halo=args.halo,
+        device=args.device,
+    )
+    bars = []  # the bar appears with the first finished task, so an early error stays one line
+
+    def progress(done: int, total: int, message: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc="predicting", unit="task"))
+        bars[0].update(done - bars[0].n)
+        bars[0].set_postfix_str(message)
+
+    genes = [g.strip() for g in args.genes.split(",")] if args.genes else None
+    try:
+        summary = predict_slide(
+            spec, out, genes=genes, scheduler=args.scheduler, overwrite=args.overwrite, progress=progress
+        )
+    finally:
+        for bar in bars:
+            bar.close()
+    print(
+        f"wrote {out}: {summary['tiles']} tiles ({summary['tissue_tiles']} with tissue), "
+        f"{summary['cached_before']} already cached, {summary['predicted']} predicted; cache {summary['cache']}"
+    )
+    return 0
+
+
+def cmd_aggregate(args) -> int:
+    from .infer.aggregate import aggregate_circles, read_circles_csv, read_prediction
+
+    source = read_prediction(args.prediction)
+    centers, radii = read_circles_csv(args.circles, source.slide_mpp)
+    table = aggregate_circles(source, centers, radii)
+    frame = table.to_df()
+    frame.insert(0, "radius", table.obs["radius"].to_numpy())
+    frame.insert(0, "y", table.obs["y"].to_numpy())
+    frame.insert(0, "x", table.obs["x"].to_numpy())
+    out = Path(args.out)
+    temporary = out.with_name(f".{out.name}.tmp")
+    frame.to_csv(temporary, index=False, float_format="%.6g")
+    temporary.replace(out)
+    if args.h5ad:
+        table.write_h5ad(args.h5ad)
+    print(f"wrote {out}: {len(frame)} circles x {table.n_vars} genes (protocol {source.protocol.name})")
+    return 0
+
+
+def _validation_line(record: dict) -> str:
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in record["validation"].items())
+    return f"step {record['step']}: validation mean PCC {scores or '-'}{' (saved)' if record.get('saved') else ''}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-gene", help="write per-gene correlations to this CSV")
     evaluate.set_defaults(run=cmd_evaluate)
 
+    train = sub.add_parser("train", help="train a model on slides with measured spots")
+    train.add_argument("model", choices=["pixnet"], help="which model to train")
+    train.add_argument("--config", required=True, help="a .toml or .json training config (see examples/)")
+    train.add_argument("--out", help="checkpoint folder (overrides the config's 'out')")
+    train.add_argument("--jsonl", action="store_true", help="print progress as JSON lines on stdout")
+    train.set_defaults(run=cmd_train)
+
+    predict = sub.add_parser("predict", help="predict a whole slide's gene maps into a SpatialData store")
+    predict.add_argument("slide")
+    predict.add_argument("--out", required=True, help="output SpatialData store, ending in .zarr")
+    predict.add_argument("--model", help="checkpoint folder (default: the shipped PixNet)")
+    predict.add_argument("--genes", help="comma-separated genes to write (default: all the model's genes)")
+    predict.add_argument("--scheduler", help="address of a running dask.distributed scheduler")
+    predict.add_argument("--cache", help="tile cache folder (default: OUT.cache beside the output)")
+    predict.add_argument("--tile", type=int, default=512, help="tile side in model pixels (multiple of 32)")
+    predict.add_argument("--halo", type=int, default=128, help="context around each tile, model pixels")
+    predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    predict.add_argument("--overwrite", action="store_true")
+    _add_read_options(predict)
+    predict.set_defaults(run=cmd_predict)
+
+    aggregate = sub.add_parser("aggregate", help="integrate predicted gene maps over circles")
+    aggregate.add_argument("prediction", help="a store written by 'genemap predict'")
+    aggregate.add_argument("--circles", required=True, help="CSV with columns x, y, radius (px) or radius_um")
+    aggregate.add_argument("--out", required=True, help="output CSV: x, y, radius, then one column per gene")
+    aggregate.add_argument("--h5ad", help="also write the AnnData (raw integrals in layers['integral'])")
+    aggregate.set_defaults(run=cmd_aggregate)
+
     demo = sub.add_parser("demo", help="run the main job on the bundled sample")
     demo.add_argument("--out", default="demo_output", help="output folder")
+    demo.add_argument("--model", help="checkpoint folder (default: the shipped PixNet)")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import GenemapInputError
 from .protocols import Protocol
+from .resample import ModelFrameReader, reflect_index
 
 
 @dataclass
@@ -31,20 +32,8 @@ class TrainingSlide:
 
 def slide_image_at(sdata, mpp: float) -> np.ndarray:
     """The slide's H&E resampled to ``mpp`` µm/px as an (H, W, 3) uint8 array (in memory)."""
-    from PIL import Image
-
-    from ..io import image_levels, slide_mpp
-
-    levels, scales = image_levels(sdata)
-    factor = mpp / slide_mpp(sdata)  # slide pixels per output pixel
-    # the coarsest level still at least as fine as the target, so the resampling only reduces
-    level = max((i for i, s in enumerate(scales) if s <= factor + 1e-9), default=0)
-    pixels = np.moveaxis(np.asarray(levels[level]), 0, -1)
-    full_height, full_width = levels[0].shape[1:]
-    size = (max(1, round(full_width / factor)), max(1, round(full_height / factor)))
-    if (pixels.shape[1], pixels.shape[0]) == size:
-        return np.ascontiguousarray(pixels)
-    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+    reader = ModelFrameReader.from_sdata(sdata, mpp)
+    return reader.read(0, reader.height, 0, reader.width)
 
 
 def load_training_slide(sdata, protocol: Protocol, mpp: float, name: str | None = None) -> TrainingSlide:
@@ -151,15 +140,6 @@ class WindowSampler:
             raw.append(slide.raw[members])
             targets.append(slide.targets[members])
         return WindowBatch(np.stack(windows), centers, radii, np.concatenate(raw), np.concatenate(targets))
-
-
-def reflect_index(index: np.ndarray, size: int) -> np.ndarray:
-    """Map indices onto [0, size) by mirroring at the edges without repeating them (numpy's "reflect")."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.abs(index) % period
-    return np.where(index >= size, period - index, index)
 
 
 def crop(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:

@@ -110,7 +110,9 @@ def build_spatialdata(
 
     source = info.source
     if mpp is None:
-        raise GenemapInputError(f"{source}: pixel size unknown; pass mpp (µm per pixel) for this slide")
+        raise GenemapInputError(
+            f"{source}: pixel size unknown; pass its µm per pixel (mpp=, or --mpp on the command line)"
+        )
     mpp = float(mpp)
     if not np.isfinite(mpp) or mpp <= 0:
         raise GenemapInputError(f"{source}: pixel size {mpp} µm/px is not a positive number")
@@ -153,7 +155,12 @@ def build_spatialdata(
     return sdata
 
 
-def pyramid_to_datatree(levels: Sequence[da.Array], downsamples: Sequence[float], image_scale: float = 1.0):
+def pyramid_to_datatree(
+    levels: Sequence[da.Array],
+    downsamples: Sequence[float],
+    image_scale: float = 1.0,
+    channels: Sequence[str] = ("r", "g", "b"),
+):
     """A multiscale image element from precomputed (c, y, x) levels, scaled into ``"global"``."""
     import xarray as xr
     from spatialdata.models import Image2DModel
@@ -161,7 +168,7 @@ def pyramid_to_datatree(levels: Sequence[da.Array], downsamples: Sequence[float]
 
     datasets = {}
     for index, (level, downsample) in enumerate(zip(levels, downsamples, strict=True)):
-        array = Image2DModel.parse(level, dims=("c", "y", "x"), c_coords=["r", "g", "b"])
+        array = Image2DModel.parse(level, dims=("c", "y", "x"), c_coords=list(channels))
         scale = image_scale * downsample
         set_transformation(array, Scale([scale, scale], axes=("y", "x")), COORDINATE_SYSTEM)
         datasets[f"scale{index}"] = xr.Dataset({"image": array})

@@ -22,6 +22,7 @@ import torch
 
 from ..data.protocols import Protocol, get_protocol
 from ..data.windows import TrainingSlide, WindowSampler, load_training_slide
+from ..device import resolve_device
 from ..errors import GenemapInputError
 from ..evaluate.metrics import summarise_unit
 from ..infer.spots import predict_spots
@@ -97,12 +98,6 @@ class TrainConfig:
             raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def slide_name(spec: dict) -> str:

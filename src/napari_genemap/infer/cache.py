@@ -1,0 +1,141 @@
+"""The gene-map cache: one zarr v3 store per (slide, model, settings), signed so a stale one is never read.
+
+Layout: ``level{L}`` arrays of shape (genes, rows, columns), float16, one shard per tile holding
+(genes, C, C) with inner chunks (1, C, C) (C = the tile's side in map pixels), so showing one gene reads
+one inner chunk per tile and a tile is written as one file. zarr's local store writes each file to a
+temporary name and renames it, so a tile's shard is either whole or absent: a killed process never
+leaves a half-written tile that is later read as valid, and "done" is simply "its shard exists" (empty
+tiles are written too, as zeros, so that they are not recomputed).
+
+The signature covers the slide's identity (path, size, modification time, dimensions, µm/px), the
+checkpoint (sha256 of its weights), the protocol, stride, tile, halo, model µm/px and the package
+version; it is part of the store's name and repeated in its attributes, which are checked on opening.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GenemapInputError
+from .grid import TileGrid
+
+CACHE_FORMAT = 1
+DTYPE = "float16"
+
+
+def slide_identity(sdata) -> dict:
+    """What identifies a slide cheaply (no pixel hashing: slides are tens of GB)."""
+    from ..io import image_levels, slide_info, slide_mpp
+
+    levels, _ = image_levels(sdata)
+    info = slide_info(sdata)
+    identity = {"shape": [int(s) for s in levels[0].shape], "mpp": round(float(slide_mpp(sdata)), 9)}
+    source = info.get("source")
+    if source and Path(source).exists():
+        stat = Path(source).stat()
+        identity |= {"path": os.path.abspath(source), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    else:  # an in-memory slide: fall back to its pixels' dask name, which hashes how they were made
+        identity["pixels"] = levels[0].name
+    return identity
+
+
+def signature(slide: dict, model_digest: str, protocol_json: str, grid: TileGrid, model_mpp: float) -> dict:
+    from .. import __version__
+
+    return {
+        "cache_format": CACHE_FORMAT,
+        "package_version": __version__,
+        "slide": slide,
+        "model_sha256": model_digest,
+        "protocol": hashlib.sha256(protocol_json.encode()).hexdigest(),
+        "model_mpp": model_mpp,
+        "stride": grid.stride,
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "shape": [grid.height, grid.width],
+    }
+
+
+def signature_hash(value: dict) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+class GeneMapCache:
+    """The signed store of one slide's gene maps; levels are created on first use."""
+
+    def __init__(self, root: str | os.PathLike, value: dict, grid: TileGrid, genes: list[str], levels: int):
+        import zarr
+
+        self.grid, self.genes, self.n_levels = grid, list(genes), levels
+        self.signature = value
+        self.digest = signature_hash(value)
+        self.path = Path(root) / f"genemap-{self.digest[:20]}.zarr"
+        if self.path.exists():
+            group = zarr.open_group(self.path, mode="r+")
+            if group.attrs.get("signature") != json.loads(json.dumps(value)):
+                raise GenemapInputError(f"{self.path}: cache signature does not match; delete the folder")
+        else:
+            self._create(value)
+            group = zarr.open_group(self.path, mode="r+")
+        self.group = group
+        self.arrays = [group[f"level{level}"] for level in range(levels)]
+
+    def _create(self, value: dict) -> None:
+        """Create the empty store under a temporary name, then rename it into place."""
+        import zarr
+
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        group = zarr.open_group(staging, mode="w")
+        side = self.grid.tile_map
+        for level in range(self.n_levels):
+            group.create_array(
+                f"level{level}",
+                shape=(len(self.genes), *self.grid.map_shape(level)),
+                chunks=(1, side, side),
+                shards=(len(self.genes), side, side),
+                dtype=DTYPE,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+                dimension_names=("c", "y", "x"),
+            )
+        group.attrs.update({"signature": value, "genes": self.genes, "levels": self.n_levels})
+        try:
+            staging.rename(self.path)
+        except OSError:  # another process created it first: theirs is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+
+    # --- tiles -------------------------------------------------------------------------------------------
+    def _shard_file(self, level: int, row: int, column: int) -> Path:
+        key = self.arrays[level].metadata.encode_chunk_key((0, row, column))
+        return self.path / f"level{level}" / key
+
+    def has(self, level: int, row: int, column: int) -> bool:
+        return self._shard_file(level, row, column).exists()
+
+    def write(self, level: int, row: int, column: int, values: np.ndarray) -> None:
+        """Write one tile (genes, h, w) of ``level`` (h, w cut at the map's edge) as one shard file."""
+        i0, j0 = row * self.grid.tile_map, column * self.grid.tile_map
+        height, width = values.shape[1:]
+        self.arrays[level][:, i0 : i0 + height, j0 : j0 + width] = values.astype(DTYPE)
+
+    def read(self, level: int, i0: int, i1: int, j0: int, j1: int, genes=slice(None)) -> np.ndarray:
+        return self.arrays[level][genes, i0:i1, j0:j1]
+
+    def tile_shape(self, level: int, row: int, column: int) -> tuple[int, int]:
+        height, width = self.grid.map_shape(level)
+        side = self.grid.tile_map
+        return min(side, height - row * side), min(side, width - column * side)
+
+    def tile_counts(self, level: int) -> tuple[int, int]:
+        """(rows, columns) of tiles (= shards) in ``level``."""
+        height, width = self.grid.map_shape(level)
+        side = self.grid.tile_map
+        return -(-height // side), -(-width // side)

@@ -1,0 +1,296 @@
+"""The tile engine: predict gene-map tiles with a halo, cache them, build coarser levels from finer ones.
+
+One thread owns the model; every request (from dask's threads, napari's, the CLI's) goes through its
+queue, so the model is never called concurrently and CUDA state stays on one thread. Window reading
+happens in the callers' threads and overlaps with the model's work. Tiles without tissue (a threshold on
+a low pyramid level) are written as zeros without running the model. Level L > 0 tiles are the 2 x 2
+mean of level L - 1, never the model run on downsampled H&E.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from ..data.resample import ModelFrameReader
+from ..device import resolve_device
+from .cache import GeneMapCache, signature, slide_identity
+from .grid import TileGrid
+
+Tile = tuple[int, int]
+Progress = Callable[[int, int, str], None]
+
+
+class ModelOwner:
+    """A thread that owns the model: batches of windows (n, H, W, 3) uint8 in, density maps out."""
+
+    def __init__(self, model, device: str = "auto"):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.busy_seconds = 0.0  # time spent in the model, to tell model cost from overhead
+        self.windows_done = 0
+        self._requests: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._serve, name="genemap-model", daemon=True)
+        self._thread.start()
+
+    def submit(self, windows: np.ndarray) -> Future:
+        future: Future = Future()
+        self._requests.put((windows, future))
+        return future
+
+    def _serve(self) -> None:
+        import torch
+
+        while True:
+            item = self._requests.get()
+            if item is None:
+                return
+            windows, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            started = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    pixels = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).float() / 255
+                    if self.device.type == "cuda":
+                        with torch.autocast("cuda", dtype=torch.float16):
+                            out = self.model(pixels)
+                    else:
+                        out = self.model(pixels)
+                result = out.float().cpu().numpy()
+                self.busy_seconds += time.perf_counter() - started
+                self.windows_done += len(windows)
+                future.set_result(result)
+            except BaseException as error:  # handed to the waiting caller, which re-raises it
+                future.set_exception(error)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+
+
+def tissue_mask(levels, scales: list[float], max_side: int = 2048) -> tuple[np.ndarray, float]:
+    """A boolean tissue mask from the finest level at most ``max_side`` px, and its slide px per pixel.
+
+    Tissue is coloured (max - min channel > 20) or dark (mean < 160); glass is bright and grey."""
+    index = next((i for i, level in enumerate(levels) if max(level.shape[1:]) <= max_side), len(levels) - 1)
+    pixels = np.asarray(levels[index]).astype(np.int16)
+    coloured = (pixels.max(0) - pixels.min(0)) > 20
+    dark = pixels.mean(0) < 160
+    return coloured | dark, float(scales[index])
+
+
+class TileEngine:
+    """Predicts and caches the gene maps of one slide with one model."""
+
+    def __init__(
+        self,
+        model,
+        sdata,
+        cache_root: str | Path,
+        *,
+        tile: int = 512,
+        halo: int = 128,
+        batch_size: int = 4,
+        device: str = "auto",
+        skip_background: bool = True,
+        min_level_side: int = 256,
+        owner: ModelOwner | None = None,
+    ):
+        """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide."""
+        from ..io import image_levels, slide_mpp
+
+        self.loaded = model
+        self.genes = list(model.genes)
+        self.reader = ModelFrameReader.from_sdata(sdata, model.mpp)
+        levels, scales = image_levels(sdata)
+        factor = model.mpp / slide_mpp(sdata)
+        self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
+        value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
+        self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, self.grid.levels(min_level_side))
+        self.batch_size = batch_size
+        self.mask, self.mask_scale = tissue_mask(levels, scales) if skip_background else (None, 1.0)
+        self._owner, self._device = owner, device  # the model thread starts on the first prediction
+        self._owns_owner = owner is None
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[int, int, int], Future] = {}
+        self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genemap-read")
+        self.stats = {"predicted": 0, "empty": 0, "downsampled": 0}
+
+    # --- public ------------------------------------------------------------------------------------------
+    @property
+    def n_levels(self) -> int:
+        return self.cache.n_levels
+
+    def level_shape(self, level: int) -> tuple[int, int]:
+        return self.grid.map_shape(level)
+
+    def has_tissue(self, row: int, column: int) -> bool:
+        if self.mask is None:
+            return True
+        y0, y1, x0, x1 = self.grid.tile_box(row, column)
+        to_mask = self.grid.factor / self.mask_scale  # model px -> mask px
+        top, left = int(y0 * to_mask), int(x0 * to_mask)
+        bottom, right = max(top + 1, int(np.ceil(y1 * to_mask))), max(left + 1, int(np.ceil(x1 * to_mask)))
+        return bool(self.mask[top:bottom, left:right].any())
+
+    def ensure(
+        self,
+        level: int,
+        tiles: Iterable[Tile],
+        progress: Progress | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> None:
+        """Make sure the given tiles of ``level`` are in the cache (computing what is missing)."""
+        tiles = list(dict.fromkeys(tiles))
+        missing = [t for t in tiles if not self.cache.has(level, *t)]
+        if not missing:
+            return
+        if level == 0:
+            self._predict(missing, progress, cancel)
+            return
+        rows, columns = self.cache.tile_counts(level - 1)
+        children = [
+            (2 * r + dr, 2 * c + dc) for r, c in missing for dr in (0, 1) for dc in (0, 1)
+            if 2 * r + dr < rows and 2 * c + dc < columns
+        ]  # fmt: skip
+        self.ensure(level - 1, children, progress, cancel)
+        for row, column in missing:
+            self._downsample(level, row, column)
+
+    def read(self, level: int, i0: int, i1: int, j0: int, j1: int, genes=slice(None)) -> np.ndarray:
+        """Map values (genes, i1 - i0, j1 - j0) of a region of ``level``, predicting what is missing."""
+        self.ensure(level, self.grid_tiles(level, i0, i1, j0, j1))
+        return self.cache.read(level, i0, i1, j0, j1, genes)
+
+    def grid_tiles(self, level: int, i0: int, i1: int, j0: int, j1: int) -> list[Tile]:
+        side = self.grid.tile_map
+        rows, columns = self.cache.tile_counts(level)
+        return [
+            (r, c)
+            for r in range(max(0, i0 // side), min(rows, -(-i1 // side)))
+            for c in range(max(0, j0 // side), min(columns, -(-j1 // side)))
+        ]
+
+    @property
+    def owner(self) -> ModelOwner:
+        with self._lock:
+            if self._owner is None:
+                self._owner = ModelOwner(self.loaded.model, self._device)
+            return self._owner
+
+    def close(self) -> None:
+        self._readers.shutdown(wait=True)
+        if self._owns_owner and self._owner is not None:
+            self._owner.close()
+
+    # --- level 0: the model ------------------------------------------------------------------------------
+    def _predict(self, tiles: list[Tile], progress: Progress | None, cancel: Callable[[], bool] | None) -> None:
+        mine, theirs = self._claim(0, tiles)
+        try:
+            work = []
+            for tile in mine:
+                if self.has_tissue(*tile):
+                    work.append(tile)
+                else:
+                    rows, cols = self.cache.tile_shape(0, *tile)
+                    self.cache.write(0, *tile, np.zeros((len(self.genes), rows, cols), np.float32))
+                    self.stats["empty"] += 1
+                    self._release(0, tile)
+            done, total = len(mine) - len(work), len(mine)
+            for batch, density in self._predict_batches(work, cancel):
+                for tile, values in zip(batch, density, strict=True):
+                    self.cache.write(0, *tile, values)
+                    self.stats["predicted"] += 1
+                    self._release(0, tile)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, total, f"{done}/{total} tiles")
+        except BaseException as error:
+            for tile in mine:
+                self._release(0, tile, error)
+            raise
+        for future in theirs:
+            future.result()
+
+    def predict_tiles(self, tiles: list[Tile]) -> dict[Tile, np.ndarray]:
+        """Float32 level-0 values of tiles, straight from the model (no cache): (genes, h, w) each."""
+        return {t: v for batch, density in self._predict_batches(tiles) for t, v in zip(batch, density, strict=True)}
+
+    def _predict_batches(self, tiles: list[Tile], cancel: Callable[[], bool] | None = None):
+        """Yield (tiles, their valid values) batch by batch; the next windows are read while the model runs."""
+        batches = [tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
+        upcoming = self._readers.submit(self._windows, batches[0]) if batches else None
+        start, _ = self.grid.valid_in_output()
+        for index, batch in enumerate(batches):
+            if cancel is not None and cancel():
+                raise InterruptedError("prediction cancelled")
+            result = self.owner.submit(upcoming.result())
+            if index + 1 < len(batches):
+                upcoming = self._readers.submit(self._windows, batches[index + 1])
+            density = result.result()
+            values = []
+            for tile, tile_density in zip(batch, density, strict=True):
+                rows, cols = self.cache.tile_shape(0, *tile)
+                values.append(tile_density[:, start : start + rows, start : start + cols])
+            yield batch, values
+
+    def _windows(self, tiles: list[Tile]) -> np.ndarray:
+        return np.stack([self.reader.read(*self.grid.window_box(*tile)) for tile in tiles])
+
+    # --- coarser levels ----------------------------------------------------------------------------------
+    def _downsample(self, level: int, row: int, column: int) -> None:
+        mine, theirs = self._claim(level, [(row, column)])
+        if mine:
+            try:
+                side = self.grid.tile_map
+                height, width = self.grid.map_shape(level - 1)
+                i0, j0 = 2 * row * side, 2 * column * side
+                fine = self.cache.read(level - 1, i0, min(i0 + 2 * side, height), j0, min(j0 + 2 * side, width))
+                self.cache.write(level, row, column, mean_downsample(fine.astype(np.float32)))
+                self.stats["downsampled"] += 1
+                self._release(level, (row, column))
+            except BaseException as error:
+                self._release(level, (row, column), error)
+                raise
+        for future in theirs:
+            future.result()
+
+    # --- de-duplication between threads ------------------------------------------------------------------
+    def _claim(self, level: int, tiles: list[Tile]) -> tuple[list[Tile], list[Future]]:
+        """Split tiles into those this thread computes and futures for those another thread is on."""
+        mine, theirs = [], []
+        with self._lock:
+            for tile in tiles:
+                key = (level, *tile)
+                if key in self._pending:
+                    theirs.append(self._pending[key])
+                elif not self.cache.has(level, *tile):
+                    self._pending[key] = Future()
+                    mine.append(tile)
+        return mine, theirs
+
+    def _release(self, level: int, tile: Tile, error: BaseException | None = None) -> None:
+        with self._lock:
+            future = self._pending.pop((level, *tile), None)
+        if future is not None and not future.done():
+            future.set_exception(error) if error is not None else future.set_result(None)
+
+
+def mean_downsample(values: np.ndarray) -> np.ndarray:
+    """2 x 2 mean of (genes, h, w); an odd last row or column averages the pixels that exist."""
+    genes, height, width = values.shape
+    padded_h, padded_w = height + height % 2, width + width % 2
+    total = np.zeros((genes, padded_h, padded_w), np.float32)
+    count = np.zeros((1, padded_h, padded_w), np.float32)
+    total[:, :height, :width] = values
+    count[:, :height, :width] = 1
+    total = total.reshape(genes, padded_h // 2, 2, padded_w // 2, 2).sum((2, 4))
+    count = count.reshape(1, padded_h // 2, 2, padded_w // 2, 2).sum((2, 4))
+    return total / count

@@ -1,0 +1,131 @@
+"""Index maths between slide pixels, model pixels, gene-map pixels and µm, at every pyramid level.
+
+Frames (x = column, y = row everywhere; intervals are half-open):
+- slide: full-resolution H&E pixels, ``slide_mpp`` µm each (the canonical SpatialData "global" frame);
+- model: the slide resampled to the model's µm/px; model pixel u covers slide [u * f, (u + 1) * f) with
+  ``f = model_mpp / slide_mpp``;
+- map level L: gene-map pixel i covers model pixels [i * s * 2^L, (i + 1) * s * 2^L) with s the stride.
+
+Tiles partition the model frame into ``tile`` x ``tile`` squares (the last row and column may be cut by
+the slide's edge); each is predicted from a window ``halo`` pixels wider on every side. Tile and halo are
+multiples of 32 so every window starts on the encoder's stride-32 lattice, which is what makes tiles
+agree with one large window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import GenemapInputError
+
+ALIGNMENT = 32  # PixNet's deepest stride
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles over a slide in the model frame, and the gene-map pyramid they fill."""
+
+    height: int  # model-frame size, model pixels
+    width: int
+    stride: int  # model pixels per level-0 map pixel
+    tile: int = 512  # tile side, model pixels
+    halo: int = 128  # extra context on each side, model pixels
+    factor: float = 1.0  # slide pixels per model pixel (model_mpp / slide_mpp)
+
+    def __post_init__(self):
+        if self.height < 1 or self.width < 1:
+            raise GenemapInputError(f"tile grid: slide of {self.height} x {self.width} model pixels is empty")
+        if self.tile < ALIGNMENT or self.tile % ALIGNMENT or self.tile % self.stride:
+            raise GenemapInputError(f"tile {self.tile}: expected a positive multiple of {ALIGNMENT} and of the stride")
+        if self.halo < 0 or self.halo % ALIGNMENT:
+            raise GenemapInputError(f"halo {self.halo}: expected a non-negative multiple of {ALIGNMENT}")
+
+    @classmethod
+    def for_slide(
+        cls, slide_height: int, slide_width: int, slide_mpp: float, model_mpp: float, stride: int, **kwargs
+    ) -> TileGrid:
+        """The grid of a slide of ``slide_height`` x ``slide_width`` slide pixels."""
+        factor = model_mpp / slide_mpp
+        height, width = max(1, round(slide_height / factor)), max(1, round(slide_width / factor))
+        return cls(height, width, stride, factor=factor, **kwargs)
+
+    # --- sizes -------------------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        return math.ceil(self.height / self.tile)
+
+    @property
+    def columns(self) -> int:
+        return math.ceil(self.width / self.tile)
+
+    @property
+    def tile_map(self) -> int:
+        """Tile side in level-0 map pixels."""
+        return self.tile // self.stride
+
+    def map_shape(self, level: int = 0) -> tuple[int, int]:
+        """(rows, columns) of map level ``level``: level 0 covers every model pixel, partial ones included."""
+        height, width = math.ceil(self.height / self.stride), math.ceil(self.width / self.stride)
+        for _ in range(level):
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+        return height, width
+
+    def levels(self, smallest: int = 256) -> int:
+        """How many map levels until the larger side is at most ``smallest`` pixels (at least one)."""
+        count = 1
+        while max(self.map_shape(count - 1)) > smallest:
+            count += 1
+        return count
+
+    # --- one tile ----------------------------------------------------------------------------------------
+    def tile_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) of the tile in model pixels, cut at the slide's edge."""
+        self._check(row, column)
+        y0, x0 = row * self.tile, column * self.tile
+        return y0, min(y0 + self.tile, self.height), x0, min(x0 + self.tile, self.width)
+
+    def window_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(y0, y1, x0, x1) of the model input for a tile: the full tile plus the halo, which may reach
+        past the slide (the reader mirrors there). Always (tile + 2 halo) square."""
+        self._check(row, column)
+        y0, x0 = row * self.tile - self.halo, column * self.tile - self.halo
+        side = self.tile + 2 * self.halo
+        return y0, y0 + side, x0, x0 + side
+
+    def map_box(self, row: int, column: int) -> tuple[int, int, int, int]:
+        """(i0, i1, j0, j1) of the tile's pixels in map level 0, cut at the map's edge."""
+        self._check(row, column)
+        map_height, map_width = self.map_shape()
+        i0, j0 = row * self.tile_map, column * self.tile_map
+        return i0, min(i0 + self.tile_map, map_height), j0, min(j0 + self.tile_map, map_width)
+
+    def valid_in_output(self) -> tuple[int, int]:
+        """(start, stop) of the tile's own pixels inside the model output of its window (map pixels)."""
+        start = self.halo // self.stride
+        return start, start + self.tile_map
+
+    # --- regions -----------------------------------------------------------------------------------------
+    def tiles_for_map_region(self, level: int, i0: int, i1: int, j0: int, j1: int) -> list[tuple[int, int]]:
+        """Tiles whose level-0 pixels feed map level ``level``'s pixels [i0, i1) x [j0, j1)."""
+        scale = 2**level
+        map_height, map_width = self.map_shape()
+        top, bottom = max(0, i0 * scale), min(map_height, i1 * scale)
+        left, right = max(0, j0 * scale), min(map_width, j1 * scale)
+        if bottom <= top or right <= left:
+            return []
+        rows = range(top // self.tile_map, (bottom - 1) // self.tile_map + 1)
+        columns = range(left // self.tile_map, (right - 1) // self.tile_map + 1)
+        return [(r, c) for r in rows for c in columns]
+
+    def map_pixel_size(self, level: int = 0) -> float:
+        """Side of one map-level pixel in slide pixels (times the slide's µm/px for µm)."""
+        return self.factor * self.stride * 2**level
+
+    def slide_to_map(self, value, level: int = 0):
+        """Slide-pixel coordinates or lengths in map-level pixels (pixel i covers [i, i + 1))."""
+        return value / self.map_pixel_size(level)
+
+    def _check(self, row: int, column: int) -> None:
+        if not (0 <= row < self.rows and 0 <= column < self.columns):
+            raise IndexError(f"tile ({row}, {column}) outside the {self.rows} x {self.columns} grid")

@@ -1,0 +1,188 @@
+"""Whole-slide prediction on dask.distributed: every tissue tile into the cache, then a SpatialData store.
+
+Each worker builds one `TileEngine` (and so loads the model once) through a worker plugin; tasks hand it
+batches of tiles. The cache is the only shared state, so an interrupted run resumes where it stopped and
+a tile that is already cached is never computed again. By default a `LocalCluster` with one worker
+process (torch uses all its cores) runs the tasks; ``scheduler`` names an existing cluster instead (its
+workers must see the slide, the checkpoint and the cache folder at the same paths).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GenemapInputError
+
+PLUGIN_NAME = "genemap-engine"
+GENE_MAPS_KEY = "gene_maps"
+TOTAL_KEY = "gene_maps_total"  # sum over all the model's genes; written when only some genes are
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What a worker needs to build the same engine as the driver (plain, picklable values)."""
+
+    slide: str
+    checkpoint: str
+    cache_root: str
+    section: str | None = None
+    mpp: float | None = None
+    tile: int = 512
+    halo: int = 128
+    batch_size: int = 4
+    device: str = "auto"
+    read_options: dict = field(default_factory=dict)
+
+    def build(self):
+        from ..io import read_slide
+        from ..train.checkpoint import load_checkpoint
+        from .engine import TileEngine
+
+        sdata = read_slide(self.slide, section=self.section, mpp=self.mpp)
+        model = load_checkpoint(self.checkpoint)
+        return TileEngine(
+            model,
+            sdata,
+            self.cache_root,
+            tile=self.tile,
+            halo=self.halo,
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+
+def _engine_plugin(spec: EngineSpec):
+    from distributed import WorkerPlugin
+
+    class EnginePlugin(WorkerPlugin):
+        name = PLUGIN_NAME
+
+        def __init__(self, spec: EngineSpec):
+            self.spec = spec
+            self.engine = None
+
+        def setup(self, worker):
+            self.engine = self.spec.build()
+
+        def teardown(self, worker):
+            if self.engine is not None:
+                self.engine.close()
+
+    return EnginePlugin(spec)
+
+
+def _predict_tiles_on_worker(tiles: list[tuple[int, int]]) -> int:
+    """Runs on a worker: fill these level-0 tiles; returns how many the model actually predicted."""
+    from distributed import get_worker
+
+    engine = get_worker().plugins[PLUGIN_NAME].engine
+    before = engine.stats["predicted"]
+    engine.ensure(0, [tuple(t) for t in tiles])
+    return engine.stats["predicted"] - before
+
+
+def predict_slide(
+    spec: EngineSpec,
+    out: str | os.PathLike,
+    *,
+    genes: list[str] | None = None,
+    scheduler: str | None = None,
+    tiles_per_task: int = 8,
+    overwrite: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict:
+    """Predict every tissue tile of the slide, then write the SpatialData store ``out``.
+
+    Returns counts: tiles in the grid, with tissue, already cached, predicted by this run."""
+    from distributed import Client, LocalCluster, as_completed
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise GenemapInputError(f"{out}: already exists (pass overwrite)")
+    engine = spec.build()  # the driver's engine: tile bookkeeping, coarser levels, output; no model thread
+    try:
+        wanted = _check_genes(genes, engine.genes)
+        grid = engine.grid
+        all_tiles = [(r, c) for r in range(grid.rows) for c in range(grid.columns)]
+        cached = [t for t in all_tiles if engine.cache.has(0, *t)]
+        todo = [t for t in all_tiles if not engine.cache.has(0, *t)]
+        # tasks hold neighbouring tiles in raster order (they share pyramid chunks)
+        tissue = [t for t in todo if engine.has_tissue(*t)]
+        tissue_set = set(tissue)
+        background = [t for t in todo if t not in tissue_set]
+        engine.ensure(0, background)  # written as zeros, no model
+        predicted = 0
+        if tissue:
+            cluster = None
+            if scheduler is None:
+                cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+            with Client(scheduler or cluster) as client:
+                client.register_plugin(_engine_plugin(spec))
+                batches = [tissue[i : i + tiles_per_task] for i in range(0, len(tissue), tiles_per_task)]
+                futures = client.map(_predict_tiles_on_worker, batches, pure=False)
+                for done, future in enumerate(as_completed(futures), 1):
+                    predicted += future.result()
+                    if progress is not None:
+                        progress(done, len(batches), f"{min(done * tiles_per_task, len(tissue))}/{len(tissue)} tiles")
+            if cluster is not None:
+                cluster.close()
+        for level in range(1, engine.n_levels):
+            rows, columns = engine.cache.tile_counts(level)
+            engine.ensure(level, [(r, c) for r in range(rows) for c in range(columns)])
+        write_prediction(engine, spec, out, wanted, overwrite=overwrite)
+        return {
+            "tiles": len(all_tiles),
+            "tissue_tiles": sum(engine.has_tissue(*t) for t in all_tiles),
+            "cached_before": len(cached),
+            "predicted": predicted,
+            "cache": str(engine.cache.path),
+        }
+    finally:
+        engine.close()
+
+
+def _check_genes(genes: list[str] | None, available: list[str]) -> list[int]:
+    if not genes:
+        return list(range(len(available)))
+    unknown = [g for g in genes if g not in available]
+    if unknown:
+        raise GenemapInputError(f"--genes: {unknown[0]!r} is not among the model's {len(available)} genes")
+    return [available.index(g) for g in genes]
+
+
+def write_prediction(engine, spec: EngineSpec, out: Path, genes: list[int], overwrite: bool = False) -> Path:
+    """A SpatialData store: the H&E, the gene maps (multiscale, genes as channels) and the provenance."""
+    import dask.array as da
+
+    from ..io import read_slide, write_store
+    from ..io.canonical import ATTRS_KEY, pyramid_to_datatree
+
+    sdata = read_slide(spec.slide, section=spec.section, mpp=spec.mpp)
+    levels = [da.from_zarr(engine.cache.arrays[level])[genes] for level in range(engine.n_levels)]
+    downsamples = [2.0**level for level in range(engine.n_levels)]
+    names = [engine.genes[i] for i in genes]
+    pixel = engine.grid.map_pixel_size(0)
+    sdata.images[GENE_MAPS_KEY] = pyramid_to_datatree(levels, downsamples, pixel, names)
+    if len(genes) < len(engine.genes):
+        total = da.from_zarr(engine.cache.arrays[0]).astype("float32").sum(0, keepdims=True)
+        sdata.images[TOTAL_KEY] = pyramid_to_datatree([total], [1.0], pixel, ["total"])
+    loaded = engine.loaded
+    sdata.attrs[ATTRS_KEY] = {
+        **dict(sdata.attrs.get(ATTRS_KEY) or {}),
+        "prediction": {
+            "model": str(loaded.path) if loaded.path else None,
+            "model_sha256": loaded.digest,
+            "protocol": loaded.protocol.to_dict(),
+            "model_mpp": loaded.mpp,
+            "stride": engine.grid.stride,
+            "tile": engine.grid.tile,
+            "halo": engine.grid.halo,
+            "map_pixel_size": engine.grid.map_pixel_size(0),
+            "units": "expression (raw counts scale) per map pixel",
+            "cache_signature": engine.cache.signature,
+        },
+    }
+    return write_store(sdata, out, overwrite=overwrite)
