@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import spatialdata as sd
 
@@ -70,9 +71,24 @@ def test_cli_info_convert_and_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_demo_prints_the_summary_and_round_trips(tmp_path, capsys):
+def test_demo_round_trips_predicts_and_writes_its_outputs(tmp_path, capsys):
+    import pandas as pd
+    from PIL import Image
+
     assert main(["demo", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "spots      49" in out and "0.685" in out
     assert "reads it back unchanged" in out
     assert (tmp_path / "sample.zarr").is_dir()
+    table = pd.read_csv(tmp_path / "spot_predictions.csv")
+    assert table.shape == (49 * 4, 6 + 785)
+    assert table["circle"].value_counts().to_dict() == {"measured": 49, "25um": 49, "50um": 49, "200um": 49}
+    by_circle = {name: group.iloc[:, 6:].to_numpy() for name, group in table.groupby("circle")}
+    # the measured spots are 50 µm in radius: the 50 µm circles give the same profiles
+    np.testing.assert_allclose(by_circle["measured"], by_circle["50um"], rtol=1e-3)
+    assert not np.allclose(by_circle["25um"], by_circle["200um"], rtol=1e-2)
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["measured"], ["200um"])}
+    assert float(rows["measured"][2]) > 0.1  # mean PCC over the 785 genes at the measured spots
+    with Image.open(tmp_path / "overview.png") as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 500 and pixels.std() > 20
