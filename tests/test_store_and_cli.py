@@ -81,9 +81,10 @@ def test_demo_round_trips_predicts_and_writes_its_outputs(tmp_path, capsys):
     assert "reads it back unchanged" in out
     assert (tmp_path / "sample.zarr").is_dir()
     table = pd.read_csv(tmp_path / "spot_predictions.csv")
-    assert table.shape == (49 * 4, 6 + 785)
+    assert table.shape == (49 * 4, 5 + 785)  # spot, x, y, circle, radius_um, then the genes
+    assert list(table.columns[:5]) == ["spot", "x", "y", "circle", "radius_um"]
     assert table["circle"].value_counts().to_dict() == {"measured": 49, "25um": 49, "50um": 49, "200um": 49}
-    by_circle = {name: group.iloc[:, 6:].to_numpy() for name, group in table.groupby("circle")}
+    by_circle = {name: group.iloc[:, 5:].to_numpy() for name, group in table.groupby("circle")}
     # the measured spots are 50 µm in radius: the 50 µm circles give the same profiles
     np.testing.assert_allclose(by_circle["measured"], by_circle["50um"], rtol=1e-3)
     assert not np.allclose(by_circle["25um"], by_circle["200um"], rtol=1e-2)
