@@ -33,7 +33,9 @@ def visium_grid(mask: np.ndarray, mask_scale: float, slide_mpp: float) -> np.nda
     rows = np.arange(pitch / 2, height, pitch * np.sqrt(3) / 2)
     centers = [(x + (i % 2) * pitch / 2, y) for i, y in enumerate(rows) for x in np.arange(pitch / 2, width, pitch)]
     centers = np.array(centers)
-    keep = mask[(centers[:, 1] / mask_scale).astype(int), (centers[:, 0] / mask_scale).astype(int)]
+    rows = np.minimum((centers[:, 1] / mask_scale).astype(int), mask.shape[0] - 1)
+    columns = np.minimum((centers[:, 0] / mask_scale).astype(int), mask.shape[1] - 1)
+    keep = mask[rows, columns]
     return centers[keep]
 
 
@@ -93,10 +95,11 @@ def main() -> None:
         warm = TileEngine(loaded, sdata, cache, tile=args.tile, halo=args.halo)
         height, width = warm.level_shape(0)
         read_started = time.perf_counter()
-        one_gene = warm.read(0, 0, height, 0, width, genes=warm.genes.index("ERBB2"))
+        gene = warm.genes[0]
+        one_gene = warm.read(0, 0, height, 0, width, genes=0)
         read_seconds = time.perf_counter() - read_started
         print(
-            f"warm cache: ERBB2's level-0 map ({one_gene.shape[0]} x {one_gene.shape[1]}) read in {read_seconds:.3f} s"
+            f"warm cache: {gene}'s level-0 map ({one_gene.shape[0]} x {one_gene.shape[1]}) read in {read_seconds:.3f} s"
         )
 
         centers = visium_grid(warm.mask, warm.mask_scale, slide_mpp(sdata))

@@ -224,21 +224,27 @@ class TileEngine:
         return {t: v for batch, density in self._predict_batches(tiles) for t, v in zip(batch, density, strict=True)}
 
     def _predict_batches(self, tiles: list[Tile], cancel: Callable[[], bool] | None = None):
-        """Yield (tiles, their valid values) batch by batch; the next windows are read while the model runs."""
+        """Yield (tiles, their valid values) batch by batch, keeping the model busy: while the caller
+        handles batch k (writes it), the model runs batch k + 1 and the readers prepare batch k + 2."""
         batches = [tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
-        upcoming = self._readers.submit(self._windows, batches[0]) if batches else None
+        if not batches:
+            return
+        reads = [self._readers.submit(self._windows, batch) for batch in batches[:2]]
+        running = self.owner.submit(reads[0].result())
         start, _ = self.grid.valid_in_output()
         for index, batch in enumerate(batches):
             if cancel is not None and cancel():
                 raise InterruptedError("prediction cancelled")
-            result = self.owner.submit(upcoming.result())
+            density = running.result()
             if index + 1 < len(batches):
-                upcoming = self._readers.submit(self._windows, batches[index + 1])
-            density = result.result()
+                running = self.owner.submit(reads[index + 1].result())
+                if index + 2 < len(batches):
+                    reads.append(self._readers.submit(self._windows, batches[index + 2]))
             values = []
             for tile, tile_density in zip(batch, density, strict=True):
                 rows, cols = self.cache.tile_shape(0, *tile)
                 values.append(tile_density[:, start : start + rows, start : start + cols])
+            reads[index] = None  # free the windows
             yield batch, values
 
     def _windows(self, tiles: list[Tile]) -> np.ndarray:
