@@ -81,4 +81,4 @@ class ModelFrameReader:
         source = np.ascontiguousarray(np.moveaxis(np.asarray(self.level[:, top:bottom, left:right]), 0, -1))
         box = (x0 * self.scale_x - left, y0 * self.scale_y - top, x1 * self.scale_x - left, y1 * self.scale_y - top)
         resized = Image.fromarray(source).resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS, box=box)
-        return np.asarray(resized)
+        return np.array(resized)  # writable: torch.from_numpy warns on read-only arrays
