@@ -34,7 +34,6 @@ class ModelOwner:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.busy_seconds = 0.0  # time spent in the model, to tell model cost from overhead
-        self.windows_done = 0
         self._requests: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="genemap-model", daemon=True)
         self._thread.start()
@@ -65,7 +64,6 @@ class ModelOwner:
                         out = self.model(pixels)
                 result = out.float().cpu().numpy()
                 self.busy_seconds += time.perf_counter() - started
-                self.windows_done += len(windows)
                 future.set_result(result)
             except BaseException as error:  # handed to the waiting caller, which re-raises it
                 future.set_exception(error)
