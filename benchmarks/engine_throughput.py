@@ -1,14 +1,15 @@
 """Whole-slide prediction speed of the tile engine, and the naive crop approach on the same slide.
 
 On one HER2ST section (default C3, 0.686 µm/px; the shipped checkpoint works at 2 µm/px, stride 4):
-1. cold cache: time to the first finished 512 x 512 tile, then every tissue tile; megapixels of H&E
+1. cold cache: time to the first finished tile (default 1024 px + 384 px halo), then every tissue
+   tile; megapixels of H&E
    (slide pixels) per second, and the model's share of the wall time (the rest is reading, resampling,
    caching: the overhead);
 2. warm cache: time to read one gene's whole level-0 map;
 3. the naive crop approach at Visium density (55 µm spots on a 100 µm hexagonal grid over the tissue):
    one forward pass of the same encoder per spot-centred crop (128 px at 2 µm/px = 256 µm, batch 32),
    in spots per second, against PixNet's whole-slide map + the disk integral at those spots.
-Run: ``.venv/bin/python benchmarks/engine_throughput.py [--section C3] [--tile 512] [--halo 128]``.
+Run: ``.venv/bin/python benchmarks/engine_throughput.py [--section C3] [--tile 1024] [--halo 384] [--batch N]``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from napari_genemap.infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "her2st"
@@ -42,9 +45,9 @@ def visium_grid(mask: np.ndarray, mask_scale: float, slide_mpp: float) -> np.nda
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", default="C3")
-    parser.add_argument("--tile", type=int, default=512)
-    parser.add_argument("--halo", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tile", type=int, default=DEFAULT_TILE)
+    parser.add_argument("--halo", type=int, default=DEFAULT_HALO)
+    parser.add_argument("--batch", type=int, default=None, help="default: the engine's (1 on CPU)")
     args = parser.parse_args()
 
     import torch
@@ -81,8 +84,8 @@ def main() -> None:
         print(
             f"section {args.section}: {slide_px / 1e6:.1f} MPx ({slide_mpp(sdata):.3f} µm/px) -> model frame "
             f"{engine.grid.height} x {engine.grid.width} px at {loaded.mpp} µm/px; tiles {args.tile} px + halo "
-            f"{args.halo} px, batch {args.batch}, {torch.get_num_threads()} threads; {len(tissue)} of {len(tiles)} "
-            f"tiles hold tissue (engine set-up {setup:.1f} s)"
+            f"{args.halo} px, batch {engine.batch_size}, {torch.get_num_threads()} threads; {len(tissue)} of "
+            f"{len(tiles)} tiles hold tissue (engine set-up {setup:.1f} s)"
         )
         print(f"cold cache: first {args.tile} px tile in {first:.2f} s")
         print(

@@ -243,14 +243,17 @@ def read_circles_csv(path: str | os.PathLike, slide_mpp: float) -> tuple[np.ndar
     return values[["x", "y"]].to_numpy(float), radii
 
 
-def predict_measured_spots(loaded, sdata, cache_root: str | os.PathLike, tile: int = 512, halo: int = 128):
+def predict_measured_spots(
+    loaded, sdata, cache_root: str | os.PathLike, tile: int | None = None, halo: int | None = None
+):
     """The slide's dense map through the tile engine, integrated over its measured spots -> AnnData.
 
     The same path as ``genemap predict`` then ``genemap aggregate`` at the spots (the benchmark uses it)."""
     from ..io import counts_table, slide_mpp, spot_geometry
     from .engine import TileEngine
 
-    engine = TileEngine(loaded, sdata, cache_root, tile=tile, halo=halo)
+    sizes = {key: value for key, value in {"tile": tile, "halo": halo}.items() if value is not None}
+    engine = TileEngine(loaded, sdata, cache_root, **sizes)
     try:
         centers, radii = spot_geometry(sdata)
         source = GeneMapSource.from_engine(engine, slide_mpp(sdata))

@@ -14,6 +14,7 @@ version; it is part of the store's name and repeated in its attributes, which ar
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import numpy as np
 from ..errors import GenemapInputError
 from .grid import TileGrid
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the grid in the attributes (viewers open a store without the model)
 DTYPE = "float16"
 
 
@@ -86,6 +87,25 @@ class GeneMapCache:
         self.group = group
         self.arrays = [group[f"level{level}"] for level in range(levels)]
 
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> GeneMapCache:
+        """An existing store, read-only, rebuilt from its own attributes: what a viewer needs to show tiles
+        another process writes (no model, no slide, no torch)."""
+        import zarr
+
+        path = Path(path)
+        try:
+            group = zarr.open_group(path, mode="r")
+            value, genes, levels, grid = (group.attrs[key] for key in ("signature", "genes", "levels", "grid"))
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            raise GenemapInputError(f"{path}: not a gene-map cache ({type(error).__name__}: {error})") from None
+        self = cls.__new__(cls)
+        self.grid = TileGrid(**grid)
+        self.genes, self.n_levels, self.signature = list(genes), int(levels), value
+        self.digest, self.path, self.group = signature_hash(value), path, group
+        self.arrays = [group[f"level{level}"] for level in range(self.n_levels)]
+        return self
+
     def _create(self, value: dict) -> None:
         """Create the empty store under a temporary name, then rename it into place."""
         import zarr
@@ -106,7 +126,9 @@ class GeneMapCache:
                 config={"write_empty_chunks": True},
                 dimension_names=("c", "y", "x"),
             )
-        group.attrs.update({"signature": value, "genes": self.genes, "levels": self.n_levels})
+        group.attrs.update(
+            {"signature": value, "genes": self.genes, "levels": self.n_levels, "grid": dataclasses.asdict(self.grid)}
+        )
         try:
             staging.rename(self.path)
         except OSError:  # another process created it first: theirs is as good as ours

@@ -21,7 +21,7 @@ import numpy as np
 from ..data.resample import ModelFrameReader
 from ..device import resolve_device
 from .cache import GeneMapCache, signature, slide_identity
-from .grid import TileGrid
+from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
 Tile = tuple[int, int]
 Progress = Callable[[int, int, str], None]
@@ -93,25 +93,29 @@ class TileEngine:
         sdata,
         cache_root: str | Path,
         *,
-        tile: int = 512,
-        halo: int = 128,
-        batch_size: int = 4,
+        tile: int = DEFAULT_TILE,
+        halo: int = DEFAULT_HALO,
+        batch_size: int | None = None,
         device: str = "auto",
         skip_background: bool = True,
         min_level_side: int = 256,
         owner: ModelOwner | None = None,
     ):
-        """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide."""
+        """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide; ``batch_size``:
+        windows per model call (default 1 on the CPU, where batching gains nothing and costs memory, 4 on CUDA)."""
         from ..io import image_levels, slide_mpp
 
         self.loaded = model
         self.genes = list(model.genes)
         self.reader = ModelFrameReader.from_sdata(sdata, model.mpp)
         levels, scales = image_levels(sdata)
-        factor = model.mpp / slide_mpp(sdata)
+        self.slide_mpp = slide_mpp(sdata)
+        factor = model.mpp / self.slide_mpp
         self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
         self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, self.grid.levels(min_level_side))
+        if batch_size is None:
+            batch_size = 4 if resolve_device(device).type == "cuda" else 1
         self.batch_size = batch_size
         self.mask, self.mask_scale = tissue_mask(levels, scales) if skip_background else (None, 1.0)
         self._owner, self._device = owner, device  # the model thread starts on the first prediction

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import GenemapInputError
+from .grid import DEFAULT_HALO, DEFAULT_TILE
 
 PLUGIN_NAME = "genemap-engine"
 GENE_MAPS_KEY = "gene_maps"
@@ -30,9 +31,9 @@ class EngineSpec:
     cache_root: str
     section: str | None = None
     mpp: float | None = None
-    tile: int = 512
-    halo: int = 128
-    batch_size: int = 4
+    tile: int = DEFAULT_TILE
+    halo: int = DEFAULT_HALO
+    batch_size: int | None = None
     device: str = "auto"
     read_options: dict = field(default_factory=dict)
 

@@ -15,12 +15,15 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
-from ..models.pixnet import PixNet, PixNetConfig
+
+if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
+    import torch
+
+    from ..models.pixnet import PixNet
 
 FORMAT = "napari-genemap/pixnet"
 FORMAT_VERSION = 1
@@ -59,9 +62,11 @@ def save_checkpoint(
     window: int,
     provenance: dict | None = None,
     metrics: dict | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically (temporary sibling, then rename over any old one)."""
+    """Write a checkpoint folder atomically (temporary sibling, then rename over any old one); ``dtype``
+    of the floating-point weights (default float32)."""
+    import torch
     from safetensors.torch import save_file
 
     from .. import __version__
@@ -82,6 +87,7 @@ def save_checkpoint(
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
+    dtype = dtype or torch.float32
     state = {
         key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
         for key, value in model.state_dict().items()
@@ -147,6 +153,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     """Rebuild the model from its config and load the weights (safetensors only; cast to float32)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from ..models.pixnet import PixNet, PixNetConfig
 
     folder = _checkpoint_folder(Path(path))
     config = read_checkpoint_config(folder)
