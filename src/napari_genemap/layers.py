@@ -2,7 +2,8 @@
 
 Layers are in µm: ``scale`` is the slide's µm per pixel, so the H&E, measured spots and, later, gene maps
 line up whatever their resolution. Each layer's ``metadata["genemap"]`` says which element of which slide
-it shows, and ``metadata["sdata"]`` holds the slide so a writer can save it back.
+it shows (and, under "open", how to read the slide again: path, section, mpp, which the tile service uses),
+and ``metadata["sdata"]`` holds the slide so a writer can save it back.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def slide_name(sdata) -> str:
     return info.get("section") or Path(info.get("source", "slide")).name.split(".")[0]
 
 
-def image_layer(sdata) -> tuple:
+def image_layer(sdata, source: dict | None = None) -> tuple:
+    """The H&E pyramid; ``source`` = {"path", "section", "mpp"} that `read_slide` reopens it from."""
     levels, scales = image_levels(sdata)
     mpp = slide_info(sdata)["mpp"]
     data = [level.transpose(1, 2, 0) for level in levels]
@@ -33,7 +35,7 @@ def image_layer(sdata) -> tuple:
         "multiscale": True,
         "scale": (mpp * scales[0], mpp * scales[0]),
         "units": ("µm", "µm"),
-        "metadata": {"genemap": {"element": IMAGE_KEY, **slide_info(sdata)}, "sdata": sdata},
+        "metadata": {"genemap": {"element": IMAGE_KEY, **slide_info(sdata), "open": source}, "sdata": sdata},
     }
     return data, meta, "image"
 
@@ -96,8 +98,8 @@ def spots_layer(sdata, gene: str | None = None) -> tuple | None:
     return centers[:, ::-1].copy(), meta, "points"
 
 
-def slide_layers(sdata, gene: str | None = None) -> list[tuple]:
-    layers = [image_layer(sdata)]
+def slide_layers(sdata, gene: str | None = None, source: dict | None = None) -> list[tuple]:
+    layers = [image_layer(sdata, source)]
     spots = spots_layer(sdata, gene)
     if spots is not None:
         layers.append(spots)

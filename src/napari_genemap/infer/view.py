@@ -1,0 +1,124 @@
+"""What a viewer shows of a gene-map cache, and which tiles to ask for next.
+
+`CachedLevel` is the array a napari layer holds for one gene at one level: slicing it reads only what is
+in the cache (one inner chunk per tile for that gene) and gives NaN where a tile is not predicted yet, so
+the H&E shows through and slicing never waits for the model. `view_plan` orders the tiles a view needs:
+the tiles in view at the shown level, nearest the view's centre first, then a ring around the view,
+then the same area at each coarser level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .cache import GeneMapCache
+
+TileKey = tuple[int, int, int]  # (level, row, column)
+
+
+class CachedLevel:
+    """One gene's map at one level, read from the cache; NaN where the tile is missing. Array-like (what
+    napari needs: shape, dtype, ndim, slicing)."""
+
+    dtype = np.dtype("float32")
+    ndim = 2
+
+    def __init__(self, cache: GeneMapCache, level: int, gene: int):
+        self.cache, self.level, self.gene = cache, level, gene
+        self.shape = tuple(int(s) for s in cache.grid.map_shape(level))
+        self.side = cache.grid.tile_map
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        key = key + (slice(None),) * (2 - len(key))
+        if len(key) != 2:
+            raise IndexError(f"a gene map level is 2-D; got {len(key)} indices")
+        bounds, steps, squeeze = [], [], []
+        for axis, (item, size) in enumerate(zip(key, self.shape, strict=True)):
+            if isinstance(item, slice):
+                start, stop, step = item.indices(size)
+                if step < 1:
+                    raise IndexError("gene map levels are sliced with positive steps")
+                bounds.append((start, max(start, stop)))
+                steps.append(step)
+            else:
+                index = int(item) + (size if int(item) < 0 else 0)
+                if not 0 <= index < size:
+                    raise IndexError(f"index {item} out of range for axis {axis} of size {size}")
+                bounds.append((index, index + 1))
+                steps.append(1)
+                squeeze.append(axis)
+        (i0, i1), (j0, j1) = bounds
+        values = self.read(i0, i1, j0, j1)[:: steps[0], :: steps[1]]
+        return values.squeeze(tuple(squeeze)) if squeeze else values
+
+    def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        out = np.full((i1 - i0, j1 - j0), np.nan, np.float32)
+        if i1 <= i0 or j1 <= j0:
+            return out
+        side = self.side
+        for row in range(i0 // side, (i1 - 1) // side + 1):
+            for column in range(j0 // side, (j1 - 1) // side + 1):
+                if not self.cache.has(self.level, row, column):
+                    continue
+                top, bottom = max(i0, row * side), min(i1, (row + 1) * side)
+                left, right = max(j0, column * side), min(j1, (column + 1) * side)
+                out[top - i0 : bottom - i0, left - j0 : right - j0] = self.cache.read(
+                    self.level, top, bottom, left, right, self.gene
+                )
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = self[:, :]
+        return values if dtype is None else values.astype(dtype)
+
+
+def gene_levels(cache: GeneMapCache, gene: str) -> list[CachedLevel]:
+    """Every level of one gene, finest first (a napari multiscale layer's data)."""
+    index = cache.genes.index(gene)
+    return [CachedLevel(cache, level, index) for level in range(cache.n_levels)]
+
+
+def tiles_in_box(cache: GeneMapCache, level: int, box) -> list[tuple[int, int]]:
+    """Tiles of ``level`` touching ``box`` = (i0, i1, j0, j1) in that level's map pixels (clipped)."""
+    rows, columns = cache.tile_counts(level)
+    side = cache.grid.tile_map
+    i0, i1, j0, j1 = box
+    r0, r1 = max(0, int(i0) // side), min(rows - 1, (int(np.ceil(i1)) - 1) // side)
+    c0, c1 = max(0, int(j0) // side), min(columns - 1, (int(np.ceil(j1)) - 1) // side)
+    return [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+
+def view_plan(cache: GeneMapCache, level: int, box, ring: int = 1) -> list[TileKey]:
+    """Tiles to predict for a view of ``box`` = (i0, i1, j0, j1) (map pixels of ``level``), in order:
+    in view (nearest the centre first), a ``ring`` of tiles around them, then coarser levels."""
+    side = cache.grid.tile_map
+    i0, i1, j0, j1 = box
+    centre = ((i0 + i1) / 2, (j0 + j1) / 2)
+
+    def by_distance(tiles, scale=1.0):
+        return sorted(
+            tiles,
+            key=lambda t: (
+                ((t[0] + 0.5) * side - centre[0] * scale) ** 2 + ((t[1] + 0.5) * side - centre[1] * scale) ** 2
+            ),
+        )
+
+    in_view = tiles_in_box(cache, level, box)
+    margin = ring * side
+    around = [
+        t for t in tiles_in_box(cache, level, (i0 - margin, i1 + margin, j0 - margin, j1 + margin)) if t not in in_view
+    ]
+    plan = [(level, *t) for t in by_distance(in_view)] + [(level, *t) for t in by_distance(around)]
+    for coarser in range(level + 1, cache.n_levels):
+        scale = 2.0 ** (level - coarser)
+        tiles = tiles_in_box(cache, coarser, tuple(v * scale for v in box))
+        plan += [(coarser, *t) for t in by_distance(tiles, scale)]
+    return plan

@@ -1,0 +1,186 @@
+"""Slide & model dock widget: which slide the model runs on, which checkpoint, which device; the model card.
+
+Slides come in through napari (File > Open, drag and drop, the sample: the plugin's reader) or the Open
+button here; every H&E layer the reader made is offered. Choosing a slide or a model (re)starts the
+session's tile service, which loads the checkpoint in its own process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..errors import GenemapInputError
+from ._qt import connect_session, wrapped_label
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def he_layers(viewer) -> list:
+    """The viewer's H&E layers that napari-genemap read (they carry their slide)."""
+    return [
+        layer
+        for layer in viewer.layers
+        if layer.metadata.get("genemap", {}).get("element") == "he" and "sdata" in layer.metadata
+    ]
+
+
+def model_card_text(card: dict, folder: Path) -> str:
+    """A short, plain summary of a checkpoint's config (and its README, when it ships one)."""
+    protocol = card.get("protocol", {})
+    training = card.get("provenance", {}).get("training", [])
+    slides = ", ".join(str(s.get("section") or Path(s.get("path", "?")).name) for s in training) or "not recorded"
+    metrics = {k: v for k, v in card.get("metrics", {}).items() if v is not None}
+    lines = [
+        f"Model: {folder.name} ({card['architecture']['encoder']['name']}, stride {card['architecture']['stride']})",
+        f"Genes: {len(card['genes'])} ({', '.join(card['genes'][:8])}, ...)",
+        f"Protocol: {protocol.get('name', '?')} (what the profiles in tables mean)",
+        f"Works at {card['mpp']} µm/px; trained on windows of {card['window']} px",
+        f"Training data: {slides}",
+        f"Metrics: {metrics or 'none recorded'}",
+    ]
+    readme = folder / "README.md"
+    if readme.is_file():
+        lines += ["", readme.read_text()]
+    return "\n".join(lines)
+
+
+class SlideModelWidget(QWidget):
+    def __init__(self, napari_viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = connect_session(napari_viewer)
+
+        self.slides = QComboBox()
+        self.open_button = QPushButton("Open slide…")
+        self.slide_info = wrapped_label("no slide open")
+        self.checkpoint = QLineEdit(str(self.session.checkpoint))
+        self.browse_button = QPushButton("…")
+        self.use_button = QPushButton("Use model")
+        self.device = QComboBox()
+        self.device.addItems(DEVICES)
+        self.status = wrapped_label("")
+        self.offer = QPushButton("")
+        self.offer.setVisible(False)
+        self.card = QTextBrowser()
+
+        checkpoint_row = QHBoxLayout()
+        checkpoint_row.addWidget(self.checkpoint)
+        checkpoint_row.addWidget(self.browse_button)
+        form = QFormLayout()
+        form.addRow("Slide", self.slides)
+        form.addRow("", self.open_button)
+        form.addRow("", self.slide_info)
+        form.addRow("Checkpoint", checkpoint_row)
+        form.addRow("Device", self.device)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        for widget in (self.use_button, self.offer, self.status, self.card):
+            layout.addWidget(widget)
+
+        self.open_button.clicked.connect(self._open_dialog)
+        self.browse_button.clicked.connect(self._browse_checkpoint)
+        self.use_button.clicked.connect(self.apply_model)
+        self.slides.currentIndexChanged.connect(self._slide_chosen)
+        self.offer.clicked.connect(self._use_offered)
+        self.viewer.layers.events.inserted.connect(self._refresh_slides)
+        self.viewer.layers.events.removed.connect(self._refresh_slides)
+        self.session.ready.connect(self._on_ready)
+        self.session.error.connect(lambda message: self.status.setText(f"error: {message}"))
+        self.session.checkpoint_offered.connect(self._offered)
+        self._show_card()
+        self._refresh_slides()
+
+    # --- slides ------------------------------------------------------------------------------------------
+    def _refresh_slides(self, *_) -> None:
+        layers = he_layers(self.viewer)
+        names = [layer.name for layer in layers]
+        current = self.slides.currentText()
+        self.slides.blockSignals(True)
+        self.slides.clear()
+        self.slides.addItems(names)
+        self.slides.blockSignals(False)
+        if not names:
+            self.slide_info.setText("no slide open: File > Open, drag a slide here, or Open slide…")
+            return
+        self.slides.setCurrentIndex(names.index(current) if current in names else len(names) - 1)
+        layer = layers[self.slides.currentIndex()]
+        if self.session.slide is not layer.metadata["sdata"]:
+            self.use_slide(layer)
+
+    def _slide_chosen(self, index: int) -> None:
+        layers = he_layers(self.viewer)
+        if 0 <= index < len(layers) and self.session.slide is not layers[index].metadata["sdata"]:
+            self.use_slide(layers[index])
+
+    def use_slide(self, layer) -> None:
+        """Run the model on the slide behind an H&E layer."""
+        from ..io import image_levels, slide_mpp
+
+        info = layer.metadata["genemap"]
+        source = info.get("open") or {"path": info.get("source"), "section": None, "mpp": None}
+        sdata = layer.metadata["sdata"]
+        levels, _ = image_levels(sdata)
+        height, width = levels[0].shape[1:]
+        mpp = slide_mpp(sdata)
+        self.slide_info.setText(
+            f"{width} x {height} px, {mpp:.4f} µm/px ({width * mpp / 1000:.2f} x {height * mpp / 1000:.2f} mm)"
+        )
+        self.status.setText("starting the model…")
+        self.session.set_slide(sdata, source["path"], section=source.get("section"), mpp=source.get("mpp"))
+
+    def _open_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a slide")
+        if path:
+            self.viewer.open(path, plugin="napari-genemap")
+
+    # --- model -------------------------------------------------------------------------------------------
+    def _browse_checkpoint(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Checkpoint folder (model.safetensors + config.json)")
+        if folder:
+            self.checkpoint.setText(folder)
+            self.apply_model()
+
+    def apply_model(self) -> None:
+        """Use the checkpoint and device shown; a bad checkpoint is reported in one line."""
+        try:
+            self.session.set_model(self.checkpoint.text().strip(), self.device.currentText())
+        except GenemapInputError as error:
+            self.status.setText(f"error: {error}")
+            return
+        self.status.setText("starting the model…" if self.session.slide is not None else "model chosen")
+        self._show_card()
+
+    def _show_card(self) -> None:
+        try:
+            self.card.setPlainText(model_card_text(self.session.model_card(), Path(self.session.checkpoint)))
+        except GenemapInputError as error:
+            self.card.setPlainText(str(error))
+
+    def _on_ready(self, cache) -> None:
+        grid = cache.grid
+        self.status.setText(
+            f"model ready: {len(cache.genes)} genes, {grid.rows} x {grid.columns} tiles of {grid.tile} px "
+            f"(+{grid.halo} px context); cache {cache.path}"
+        )
+
+    def _offered(self, path: str) -> None:
+        self.offer.setText(f"Use the new checkpoint {Path(path).name}")
+        self.offer.setToolTip(path)
+        self.offer.setVisible(True)
+
+    def _use_offered(self) -> None:
+        self.checkpoint.setText(self.offer.toolTip())
+        self.offer.setVisible(False)
+        self.apply_model()
