@@ -22,6 +22,7 @@ def get_reader(path):
 
 
 def read_layers(path) -> list[tuple]:
+    from .infer.rois import roi_layer
     from .io import detect_format, open_image, read_slide
     from .layers import pyramid_layer, slide_layers
 
@@ -31,7 +32,10 @@ def read_layers(path) -> list[tuple]:
         if pyramid.mpp is None:
             warnings.warn(f"{path.name}: the file gives no pixel size; shown in pixels", stacklevel=2)
             return [pyramid_layer(pyramid)]
-    return slide_layers(read_slide(path))
+    sdata = read_slide(path)
+    layers = slide_layers(sdata, source={"path": str(path), "section": None, "mpp": None})
+    rois = roi_layer(sdata)  # ROIs saved by the Spots widget
+    return layers if rois is None else [*layers, rois]
 
 
 def write_spatialdata(path: str, layer_data: list[tuple]) -> list[str]:
@@ -53,8 +57,8 @@ def write_spatialdata(path: str, layer_data: list[tuple]) -> list[str]:
 def sample_data() -> list[tuple]:
     """The bundled HER2ST B4 crop: H&E pyramid and 49 measured spots."""
     from .layers import slide_layers
-    from .sample import read_sample
+    from .sample import SECTION, read_sample, sample_root
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return slide_layers(read_sample())
+        return slide_layers(read_sample(), source={"path": str(sample_root()), "section": SECTION, "mpp": None})

@@ -280,5 +280,6 @@ def aggregate_shapes(source: GeneMapSource, shapes):
         parts.append(aggregate_circles(source, centers, points["radius"].to_numpy(float), np.array(names)[is_point]))
     if (~is_point).any():
         parts.append(aggregate_polygons(source, list(geometry[~is_point]), np.array(names)[~is_point]))
-    table = ad.concat(parts, merge="same", uns_merge="first") if len(parts) > 1 else parts[0]
+    # outer: circles keep their radius and polygons their area (NaN for the other kind)
+    table = ad.concat(parts, join="outer", merge="same", uns_merge="first") if len(parts) > 1 else parts[0]
     return table[names].copy()

@@ -26,6 +26,7 @@ from ..errors import GenemapInputError
 from .predict import EngineSpec
 
 TileKey = tuple[int, int, int]  # (level, row, column)
+NICENESS = 10
 
 
 @dataclass
@@ -39,13 +40,18 @@ class ServiceEvent:
 class TileService:
     """The viewer's handle on the service process (start, send requests, poll events, stop)."""
 
-    def __init__(self, spec: EngineSpec):
+    def __init__(self, spec: EngineSpec, threads: int | None = None):
+        """``threads``: torch threads in the service (default: all cores but one, which the viewer keeps
+        for drawing and input)."""
+        import os
+
+        threads = threads or max(1, (os.cpu_count() or 2) - 1)
         context = multiprocessing.get_context("spawn")  # never fork a process that holds Qt or GL state
         self.spec = spec
         self._requests = context.Queue()
         self._events = context.Queue()
         self._process = context.Process(
-            target=serve, args=(spec, self._requests, self._events), name="genemap-tiles", daemon=True
+            target=serve, args=(spec, self._requests, self._events, threads), name="genemap-tiles", daemon=True
         )
         self._process.start()
         self._next_request = 0
@@ -117,8 +123,15 @@ class TileService:
 
 
 # --- the child process -------------------------------------------------------------------------------------
-def serve(spec: EngineSpec, requests, events) -> None:
+def serve(spec: EngineSpec, requests, events, threads: int) -> None:
     """The service's main loop (runs in the child)."""
+    import os
+
+    import torch
+
+    # background work: the viewer's process (drawing, input) goes first when they compete for cores
+    os.nice(NICENESS)
+    torch.set_num_threads(threads)
     try:
         engine = spec.build()
     except Exception as error:  # reported to the viewer as one line

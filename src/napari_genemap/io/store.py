@@ -60,6 +60,7 @@ def write_store(sdata, path: str | os.PathLike, overwrite: bool = False) -> Path
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(temporary, path)
+        sdata.path = path  # spatialdata points the object at where it wrote: the temporary name
     finally:
         if temporary.exists():
             shutil.rmtree(temporary, ignore_errors=True)

@@ -194,7 +194,9 @@ class GeneMapsWidget(QWidget):
 
     # --- the view drives prediction ----------------------------------------------------------------------
     def _view_changed(self, *_) -> None:
-        self._view_timer.start()
+        """Throttle, not debounce: while the camera keeps moving, the view is still sent every 120 ms."""
+        if not self._view_timer.isActive():
+            self._view_timer.start()
 
     def view_box(self, layer) -> tuple[int, tuple[int, int, int, int]]:
         """(level shown, (i0, i1, j0, j1) in that level's map pixels) of a gene layer's view."""
