@@ -220,3 +220,81 @@ def test_predict_map_pads_to_a_multiple_of_32_by_reflection():
     with torch.no_grad():
         expected = model(torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 255)[0].numpy()
     np.testing.assert_allclose(density, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_continues_the_step_count_schedule_and_weights(tmp_path, training_slide):
+    """Cancel after 2 of 4 steps, resume for the other 2: steps 3 and 4 run at the rates one uninterrupted
+    schedule gives them (warm-up 1 step, cosine to 0 at step 4), starting from the saved weights."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from napari_genemap.train.pixnet import TrainConfig, train_pixnet
+
+    def config(**changes):
+        settings = dict(out=str(tmp_path / "ckpt"), mpp=MPP, window=64, batch=2, steps=4, lr=1e-3, eval_every=2)
+        return TrainConfig(
+            slides=[{"path": "unused", "name": "B4_crop"}], weights="random", stride=8, **{**settings, **changes}
+        )
+
+    def rate(step):  # the decoder's rate at a 1-based step of a 4-step schedule
+        return 1e-3 * 0.5 * (1 + math.cos(math.pi * (step - 1) / 4))
+
+    slides = {"B4_crop": training_slide}
+    first = []
+    summary = train_pixnet(
+        config(), slides=slides, protocol=hist2st(), on_metrics=first.append, cancel=lambda: len(first) >= 2
+    )
+    assert summary["cancelled"] and [r["step"] for r in first] == [1, 2]
+    assert first[-1]["saved"]  # no validation slide: saved every eval_every steps, so the cancel keeps one
+    assert read_checkpoint_config(tmp_path / "ckpt")["metrics"]["step"] == 2
+    assert [r["lr"] for r in first] == pytest.approx([rate(1), rate(2)])
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+
+    # lr 0: nothing moves, so the resumed run's weights are the checkpoint's, not a fresh start
+    frozen, still = [], tmp_path / "still"
+    summary = train_pixnet(
+        config(resume=str(tmp_path / "ckpt"), out=str(still), lr=0.0),
+        slides=slides, protocol=hist2st(), on_metrics=frozen.append,
+    )  # fmt: skip
+    assert [r["step"] for r in frozen] == [3, 4] and summary["checkpoint"] == str(still)
+    resumed = load_checkpoint(still).model
+    for name, value in resumed.named_parameters():
+        torch.testing.assert_close(value, saved[name], rtol=0, atol=0, msg=name)
+
+    second = []
+    summary = train_pixnet(
+        config(resume=str(tmp_path / "ckpt")), slides=slides, protocol=hist2st(), on_metrics=second.append
+    )
+    assert [r["step"] for r in second] == [3, 4] and summary["steps"] == 2 and not summary["cancelled"]
+    assert [r["lr"] for r in second] == pytest.approx([rate(3), rate(4)])
+    assert read_checkpoint_config(tmp_path / "ckpt")["metrics"]["step"] == 4
+    moved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert not torch.equal(moved["head.weight"], saved["head.weight"])
+
+    with pytest.raises(GenemapInputError, match="checkpoint is at step 4 of 4; raise 'steps'"):
+        train_pixnet(config(resume=str(tmp_path / "ckpt")), slides=slides, protocol=hist2st())
+    with pytest.raises(GenemapInputError, match="checkpoint works at 4.0 µm/px; the config asks 2.0"):
+        train_pixnet(config(resume=str(tmp_path / "ckpt"), steps=8, mpp=2.0), slides=slides, protocol=hist2st())
+
+
+def test_genemap_train_cli_resumes(tmp_path, capsys):
+    from napari_genemap.cli import main
+    from napari_genemap.sample import SECTION, sample_root
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'out = "ckpt"\nmpp = {MPP}\nwindow = 64\nbatch = 2\nsteps = 3\nweights = "random"\nstride = 8\n'
+        f'slides = [{{path = "{sample_root()}", section = "{SECTION}"}}]\n'
+    )
+    assert main(["train", "pixnet", "--config", str(config), "--out", str(tmp_path / "first"), "--jsonl"]) == 0
+    capsys.readouterr()
+    config.write_text(config.read_text().replace("steps = 3", "steps = 5"))
+    assert main(["train", "pixnet", "--config", str(config), "--resume", str(tmp_path / "first"), "--jsonl"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["event"], e.get("step")) for e in events] == [("step", 4), ("step", 5), ("done", None)]
+    assert events[0]["total"] == 5 and events[-1]["steps"] == 2
+    config_json = read_checkpoint_config(tmp_path / "ckpt")
+    assert config_json["metrics"]["step"] == 5 and config_json["provenance"]["config"]["resume"] == str(
+        tmp_path / "first"
+    )

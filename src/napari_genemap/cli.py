@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from .errors import GenemapDataWarning, GenemapInputError
+from .infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
 
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +74,8 @@ def cmd_train(args) -> int:
     config = TrainConfig.from_file(args.config)
     if args.out:
         config.out = args.out
+    if args.resume:
+        config.resume = args.resume
     stop = []
     previous = {
         signum: signal.signal(signum, lambda *_: stop.append(True)) for signum in (signal.SIGINT, signal.SIGTERM)
@@ -212,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="a .toml or .json training config (see examples/)")
     train.add_argument("--out", help="checkpoint folder (overrides the config's 'out')")
     train.add_argument("--jsonl", action="store_true", help="print progress as JSON lines on stdout")
+    train.add_argument("--resume", metavar="CHECKPOINT", help="continue from this checkpoint's weights and step count")
     train.set_defaults(run=cmd_train)
 
     predict = sub.add_parser("predict", help="predict a whole slide's gene maps into a SpatialData store")
@@ -221,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--genes", help="comma-separated genes to write (default: all the model's genes)")
     predict.add_argument("--scheduler", help="address of a running dask.distributed scheduler")
     predict.add_argument("--cache", help="tile cache folder (default: OUT.cache beside the output)")
-    predict.add_argument("--tile", type=int, default=512, help="tile side in model pixels (multiple of 32)")
-    predict.add_argument("--halo", type=int, default=128, help="context around each tile, model pixels")
+    predict.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in model pixels (multiple of 32)")
+    predict.add_argument("--halo", type=int, default=DEFAULT_HALO, help="context around each tile, model pixels")
     predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
     predict.add_argument("--overwrite", action="store_true")
     _add_read_options(predict)

@@ -83,30 +83,58 @@ def _check_mpp(mpp: float, source: Path | str) -> float:
 # --- JPEG / PNG -------------------------------------------------------------------------------------
 
 
-class _DecodeOnce:
-    """Array-like over a JPEG/PNG that decodes the file on first access and keeps the pixels.
+class _FlatPyramid:
+    """A JPEG/PNG and its mean-downsampled levels, made once on first access and kept.
 
-    Why: these formats cannot be read by region, and dask would otherwise decode the whole file
-    again for every chunk it computes.
+    Why: these formats cannot be read by region, so the whole file is decoded anyway; building every level
+    from it at once (a third more memory) makes each later read a plain slice, where lazy dask levels would
+    recompute 2 x 2 means of the full-resolution pixels for every region napari or the model asks for.
+    Instances are shared per file (and per process: pickles carry the path only, for dask workers).
     """
 
-    def __init__(self, path: Path, shape: tuple[int, int, int]):
+    _open: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __init__(self, path: Path):
         self.path = path
-        self.shape = shape
+        self._levels: list[np.ndarray] | None = None
+
+    @classmethod
+    def shared(cls, path: Path) -> _FlatPyramid:
+        key = (str(path), _file_token(path))
+        pyramid = cls._open.get(key)
+        if pyramid is None:
+            pyramid = cls._open[key] = cls(path)
+        return pyramid
+
+    def level(self, index: int) -> np.ndarray:
+        if self._levels is None:
+            levels = [_decode_flat(self.path)]
+            while max(levels[-1].shape[:2]) > SMALLEST_LEVEL:
+                finer = levels[-1]
+                height, width = (s - s % 2 for s in finer.shape[:2])
+                blocks = finer[:height, :width].reshape(height // 2, 2, width // 2, 2, 3)
+                levels.append(np.round(blocks.sum((1, 3), dtype=np.uint16) / np.float32(4)).astype(np.uint8))
+            self._levels = levels
+        return self._levels[index]
+
+
+class _FlatLevel:
+    """Array-like over one level of a `_FlatPyramid` (what `da.from_array` wraps)."""
+
+    def __init__(self, path: Path, index: int, shape: tuple[int, int, int]):
+        self.path, self.index, self.shape = path, index, shape
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
-        self._pixels: np.ndarray | None = None
+        self.pyramid = _FlatPyramid.shared(path)  # kept alive as long as any of its levels is
 
     def __getitem__(self, key):
-        if self._pixels is None:
-            self._pixels = _decode_flat(self.path)
-        return self._pixels[key]
+        return self.pyramid.level(self.index)[key]
 
     def __getstate__(self):  # ship the path to dask workers, not the decoded pixels
-        return {"path": self.path, "shape": self.shape}
+        return {"path": self.path, "index": self.index, "shape": self.shape}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["shape"])
+        self.__init__(state["path"], state["index"], state["shape"])
 
 
 def _decode_flat(path: Path) -> np.ndarray:
@@ -134,10 +162,15 @@ def _open_flat(path: Path) -> ImagePyramid:
         raise GenemapInputError(f"{path}: not a readable JPEG/PNG image ({error})") from None
     if image_format == "JPEG" and not _jpeg_has_end_marker(path):
         raise GenemapInputError(f"{path}: JPEG is truncated (no end-of-image marker); the file is incomplete")
-    level0 = da.from_array(
-        _DecodeOnce(path, (height, width, 3)), chunks=(CHUNK, CHUNK, 3), name=f"decoded-{_file_token(path)}"
-    ).transpose(2, 0, 1)
-    levels = _downsampled_levels(level0)
+    token = _file_token(path)
+    levels, index = [], 0
+    while True:
+        name = f"decoded-{token}" + (f"-level{index}" if index else "")
+        array = da.from_array(_FlatLevel(path, index, (height, width, 3)), chunks=(CHUNK, CHUNK, 3), name=name)
+        levels.append(array.transpose(2, 0, 1))
+        if max(height, width) <= SMALLEST_LEVEL:
+            break
+        height, width, index = height // 2, width // 2, index + 1
     return ImagePyramid(
         levels=levels,
         path=path,

@@ -2,8 +2,9 @@
 
 ``genemap train pixnet --config run.toml`` calls `train_pixnet`. Validation sections are never trained on;
 the saved checkpoint is the one with the best validation mean Pearson (the protocol's genes, per section,
-undefined genes omitted), or the last one when no validation section is named. A test section belongs
-to neither list: pass it only to the evaluation.
+undefined genes omitted), or the latest one (saved every ``eval_every`` steps, so a cancelled run keeps one)
+when no validation section is named. A test section belongs to neither list: pass it only to the evaluation.
+``resume`` continues a run from its checkpoint (see `train_pixnet`).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     save_dtype: str = "float32"  # "float16" halves the shipped file
+    resume: str | None = None  # a checkpoint folder to continue from (its weights and step count)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
@@ -87,6 +89,8 @@ class TrainConfig:
         base = path.parent  # relative slide and output paths are relative to the config file
         config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
         config.out = os.path.normpath(base / config.out)
+        if config.resume:
+            config.resume = os.path.normpath(base / config.resume)
         return config
 
     def check(self, source: str = "config") -> None:
@@ -147,11 +151,22 @@ def train_pixnet(
 
     ``slides`` and ``protocol`` may be given pre-loaded together (the benchmark reuses them across folds).
     Cancelling stops after the current step; the checkpoint on disk is then the best one so far.
+
+    With ``config.resume`` the run starts from that checkpoint's weights, architecture, genes and protocol
+    (the config's encoder, weights and stride are then ignored) and continues its step count
+    (``metrics["step"]``) up to ``config.steps``, on the same learning-rate schedule. The optimiser's state
+    (AdamW moments) is not saved in checkpoints, so it starts afresh: a resumed run is close to, not
+    identical with, one that never stopped. Its best score starts at the checkpoint's own validation score
+    when the validation slides are the same, so the resumed run only overwrites it with a better model.
     """
-    torch.manual_seed(config.seed)
+    resumed = _resume_point(config, protocol) if config.resume else None
+    start = resumed[1] if resumed else 0
+    torch.manual_seed(config.seed + start)
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if resumed is not None and protocol is None:
+        protocol = resumed[0].protocol
     if slides is None:
         slides, protocol = load_slides(config, protocol)
     elif protocol is None:
@@ -160,11 +175,14 @@ def train_pixnet(
     valid_slides = [slides[name] for name in config.validation]
     if not train_slides:
         raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
-    model_config = PixNetConfig(
-        n_genes=protocol.n_genes, encoder=EncoderConfig(config.encoder, config.weights), stride=config.stride
-    )
-    model = PixNet(model_config).to(device)
-    model.set_output_scale(mean_density(train_slides, config.stride))
+    if resumed is not None:
+        model = resumed[0].model.to(device)
+    else:
+        model_config = PixNetConfig(
+            n_genes=protocol.n_genes, encoder=EncoderConfig(config.encoder, config.weights), stride=config.stride
+        )
+        model = PixNet(model_config).to(device)
+        model.set_output_scale(mean_density(train_slides, config.stride))
     encoder_params = list(model.encoder.parameters())
     encoder_ids = {id(p) for p in encoder_params}
     decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids]
@@ -176,7 +194,9 @@ def train_pixnet(
         weight_decay=config.weight_decay,
     )
     schedule = warmup_cosine(optimiser, config.steps)
-    sampler = WindowSampler(train_slides, config.window, augment=True, seed=config.seed)
+    if start:
+        _continue_schedule(schedule, start)
+    sampler = WindowSampler(train_slides, config.window, augment=True, seed=config.seed + start)
     provenance = {
         "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
         "validation": list(config.validation),
@@ -184,9 +204,11 @@ def train_pixnet(
     }
     save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     best, history, started = -math.inf, [], time.perf_counter()
-    cancelled = False
+    if resumed is not None:
+        best = _resumed_score(resumed[0].metrics, config.validation, start)
+    cancelled = saved = False
     running = None
-    for step in range(1, config.steps + 1):
+    for step in range(start + 1, config.steps + 1):
         if cancel is not None and cancel():
             cancelled = True
             break
@@ -211,6 +233,7 @@ def train_pixnet(
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimiser.step()
+        lr = optimiser.param_groups[-1]["lr"]  # the decoder's rate this step (the encoder's is a fixed factor)
         schedule.step()
         loss = float(terms["loss"].detach())
         running = loss if running is None else 0.9 * running + 0.1 * loss
@@ -220,10 +243,11 @@ def train_pixnet(
             "step": step,
             "loss": loss,
             "pearson": float(terms["pearson"].detach()),
+            "lr": lr,
             "seconds": time.perf_counter() - started,
         }
         last = step == config.steps
-        if (valid_slides and (step % config.eval_every == 0 or last)) or (not valid_slides and last):
+        if step % config.eval_every == 0 or last:
             scores = evaluate_slides(model, valid_slides, protocol, config.window) if valid_slides else {}
             score = float(np.nanmean(list(scores.values()))) if scores else float(step)
             record["validation"] = scores
@@ -239,15 +263,54 @@ def train_pixnet(
                     metrics={"step": step, "validation_pcc_mean": scores or None},
                     dtype=save_dtype,
                 )
-                record["saved"] = True
+                record["saved"] = saved = True
         history.append(record)
         if on_metrics is not None:
             on_metrics(record)
     return {
-        "checkpoint": config.out if best > -math.inf else None,
+        "checkpoint": config.out if saved else config.resume,  # a resumed run that never beat its start
         "best_validation": best if valid_slides and best > -math.inf else None,
         "steps": len(history),
         "cancelled": cancelled,
         "seconds": time.perf_counter() - started,
         "history": history,
     }
+
+
+def _resume_point(config: TrainConfig, protocol: Protocol | None):
+    """The checkpoint to continue from and its step; a clear error when it cannot be continued."""
+    from .checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(config.resume)
+    step = loaded.metrics.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise GenemapInputError(f"{config.resume}: checkpoint metrics hold no step count; cannot resume it")
+    if step >= config.steps:
+        raise GenemapInputError(
+            f"{config.resume}: checkpoint is at step {step} of {config.steps}; raise 'steps' to train on"
+        )
+    if not math.isclose(loaded.mpp, config.mpp, rel_tol=1e-6):
+        raise GenemapInputError(
+            f"{config.resume}: checkpoint works at {loaded.mpp} µm/px; the config asks {config.mpp}"
+        )
+    if protocol is not None and protocol.genes != loaded.protocol.genes:
+        raise GenemapInputError(f"{config.resume}: checkpoint predicts other genes than the given protocol holds")
+    return loaded, step
+
+
+def _continue_schedule(schedule: torch.optim.lr_scheduler.LambdaLR, start: int) -> None:
+    """Move a fresh schedule to ``start`` steps done: step ``start + 1`` gets the rate it had in one run."""
+    state = schedule.state_dict()
+    schedule.load_state_dict({**state, "last_epoch": start, "_step_count": state["_step_count"] + start})
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(start)
+
+
+def _resumed_score(metrics: dict, validation: list[str], step: int) -> float:
+    """The resumed checkpoint's score on the scale `train_pixnet` compares (mean PCC, or the step)."""
+    scores = metrics.get("validation_pcc_mean") or {}
+    if not validation:
+        return float(step)
+    if sorted(scores) != sorted(validation):
+        return -math.inf  # other validation slides: its score says nothing about this run's
+    return float(np.nanmean(list(scores.values())))

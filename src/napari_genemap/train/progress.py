@@ -1,0 +1,274 @@
+"""What a training panel needs without Qt: the stages it offers, their config files, and their progress.
+
+A training run happens in a ``genemap train STAGE --config FILE --jsonl`` subprocess. `TrainingStage`
+describes one stage (its settings with defaults, how they become a config file and a command line);
+`STAGES` lists them, and the napari panel is built from that list, so a new stage is one more entry.
+`TrainingHistory` turns the subprocess's JSON lines (whole or in pieces) into the curves the panel plots.
+Nothing here imports torch: the panel stays light and the run's errors come back on the process's stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import GenemapInputError
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One user-facing setting of a stage: a name in the config file, a label and a default.
+
+    ``choices`` makes it a pick-list; otherwise the default's type (int, float, str) says what it takes.
+    """
+
+    name: str
+    label: str
+    default: int | float | str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    tip: str = ""
+
+
+@dataclass(frozen=True)
+class TrainingStage:
+    """One model a panel can train: ``genemap train <command>`` with a config built from its settings."""
+
+    command: str  # the `genemap train` subcommand
+    label: str
+    settings: tuple[Setting, ...]
+    build: Callable[[list[dict], list[str], dict, str], dict]  # (slides, validation, settings, out) -> config
+    description: str = ""
+
+    def defaults(self) -> dict:
+        return {s.name: s.default for s in self.settings}
+
+    def config(self, slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
+        """The config file's content; a one-line `GenemapInputError` for a bad choice (checked here,
+        without torch, so a bad setting never starts a process)."""
+        check_slides(slides, validation)
+        if not str(out).strip():
+            raise GenemapInputError("choose an output folder for the checkpoint")
+        values = {**self.defaults(), **settings}
+        for setting in self.settings:
+            values[setting.name] = _checked(setting, values[setting.name])
+        return self.build(slides, validation, values, os.path.abspath(os.path.expanduser(out)))
+
+    def command_line(self, config_path: str | os.PathLike, resume: str | os.PathLike | None = None) -> list[str]:
+        """The run's argv: this Python (so it sees the same packages) running the stage with JSON lines."""
+        argv = [sys.executable, "-m", "napari_genemap.cli", "train", self.command]
+        argv += ["--config", os.fspath(config_path), "--jsonl"]
+        return argv + (["--resume", os.fspath(resume)] if resume else [])
+
+
+def _checked(setting: Setting, value):
+    if setting.choices:
+        if value not in setting.choices:
+            raise GenemapInputError(f"{setting.label}: {value!r}; expected one of {', '.join(setting.choices)}")
+        return value
+    kind = type(setting.default)
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise GenemapInputError(f"{setting.label}: {value!r} is not a {kind.__name__}") from None
+    if kind is float and not math.isfinite(value):
+        raise GenemapInputError(f"{setting.label}: {value!r} is not a finite number")
+    if setting.minimum is not None and value < setting.minimum:
+        raise GenemapInputError(f"{setting.label}: {value}; expected at least {setting.minimum:g}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise GenemapInputError(f"{setting.label}: {value}; expected at most {setting.maximum:g}")
+    return value
+
+
+def slide_name(spec: dict) -> str:
+    """The name a run gives a slide (as `napari_genemap.train.pixnet.slide_name`, without importing torch)."""
+    return spec.get("name") or spec.get("section") or Path(spec["path"]).stem
+
+
+def check_slides(slides: list[dict], validation: list[str]) -> None:
+    """Cheap checks before a run: the slides exist, are readable formats, have distinct names, and some
+    remain for training; reading them (spots, counts) is the run's job."""
+    from ..io import detect_format
+
+    if not slides:
+        raise GenemapInputError("add at least one training slide with measured spots")
+    names = []
+    for spec in slides:
+        path = Path(spec["path"])
+        if not path.exists():
+            raise GenemapInputError(f"{path}: no such file or folder")
+        fmt = detect_format(path)
+        if fmt is None:
+            raise GenemapInputError(f"{path}: not a slide napari-genemap reads")
+        if fmt == "image":
+            raise GenemapInputError(f"{path}: an image without spatial transcriptomics; training needs spots")
+        if fmt == "her2st" and path.is_dir():
+            sections = her2st_sections(path)
+            if spec.get("section") not in sections:
+                raise GenemapInputError(
+                    f"{path}: HER2ST folder needs a section (one of {', '.join(sections)}), got {spec.get('section')!r}"
+                )
+        names.append(slide_name(spec))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise GenemapInputError(f"slide {duplicates[0]!r} is listed twice")
+    for name in validation:
+        if name not in names:
+            raise GenemapInputError(f"validation slide {name!r} is not among the slides {sorted(names)}")
+    if set(names) <= set(validation):
+        raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
+
+
+def her2st_sections(folder: str | os.PathLike) -> list[str]:
+    """The sections of a HER2ST-layout folder that have an image (what training can use)."""
+    images = Path(folder) / "images"
+    return sorted(p.name.split(".")[0] for p in images.iterdir() if not p.name.startswith("."))
+
+
+def _pixnet_config(slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
+    if settings["window"] % 32:
+        raise GenemapInputError(f"window {settings['window']}: expected a multiple of 32")
+    return {
+        "slides": [{k: v for k, v in s.items() if v is not None} for s in slides],
+        "validation": list(validation),
+        "out": out,
+        **settings,
+    }
+
+
+PIXNET = TrainingStage(
+    command="pixnet",
+    label="PixNet",
+    description="dense gene maps from H&E, trained on measured spots",
+    settings=(
+        Setting("steps", "steps", 400, minimum=1, maximum=10**7, tip="optimiser steps in the whole schedule"),
+        Setting("batch", "batch", 8, minimum=1, maximum=4096, tip="windows per step"),
+        Setting("window", "window (px)", 256, minimum=32, maximum=4096, tip="training window side, multiple of 32"),
+        Setting("lr", "learning rate", 5e-4, minimum=0.0, maximum=1.0),
+        Setting("mpp", "µm per pixel", 2.0, minimum=0.05, maximum=100.0, tip="the scale the model works at"),
+        Setting("eval_every", "validate every", 100, minimum=1, maximum=10**7, tip="steps between checkpoints"),
+        Setting("weights", "encoder start", "imagenet", choices=("imagenet", "random")),
+        Setting("device", "device", "auto", choices=("auto", "cpu", "cuda", "mps")),
+        Setting("seed", "seed", 0, minimum=0, maximum=2**31 - 1),
+    ),
+    build=_pixnet_config,
+)
+
+# The stages a training panel offers, in order; DiffBulk's stages go here.
+STAGES: tuple[TrainingStage, ...] = (PIXNET,)
+
+
+def stage_named(command: str) -> TrainingStage:
+    for stage in STAGES:
+        if stage.command == command:
+            return stage
+    raise GenemapInputError(f"no training stage {command!r}; expected one of {[s.command for s in STAGES]}")
+
+
+def write_config(config: dict, folder: str | os.PathLike, name: str = "train") -> Path:
+    """Write a config where the run reads it (JSON: every value here has a JSON form)."""
+    path = Path(folder) / f"{name}.json"
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path
+
+
+def checkpoint_step(folder: str | os.PathLike) -> int | None:
+    """The step a checkpoint folder was saved at (None when there is none or it says none)."""
+    from .checkpoint import read_checkpoint_config
+
+    try:
+        step = read_checkpoint_config(folder).get("metrics", {}).get("step")
+    except GenemapInputError:
+        return None
+    return step if isinstance(step, int) else None
+
+
+def check_output(out: str | os.PathLike, steps: int, resume: bool = False) -> int:
+    """Check the run's output folder; returns the step the run starts after (0, or the checkpoint's).
+
+    A new run needs a new or empty folder: saving replaces the folder, so a checkpoint or other files in
+    it would be lost. Resuming needs a checkpoint there that has steps left before ``steps``.
+    """
+    from .checkpoint import read_checkpoint_config
+
+    path = Path(out)
+    if resume:
+        read_checkpoint_config(path)  # "no such checkpoint", "lacks model.safetensors", ...
+        step = checkpoint_step(path)
+        if step is None:
+            raise GenemapInputError(f"{path}: checkpoint holds no step count; cannot resume it")
+        if step >= steps:
+            raise GenemapInputError(f"{path}: checkpoint is at step {step} of {steps}; raise 'steps' to train on")
+        return step
+    if checkpoint_step(path) is not None:
+        raise GenemapInputError(f"{path}: holds a checkpoint already; resume it, or choose another output folder")
+    if path.is_file() or (path.is_dir() and any(path.iterdir())):
+        raise GenemapInputError(f"{path}: exists and is not empty; choose a new or empty output folder")
+    return 0
+
+
+@dataclass
+class TrainingHistory:
+    """Progress of one run, from its JSON lines: the loss per step, validation scores, the final summary."""
+
+    total: int = 0
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    validation_steps: list[int] = field(default_factory=list)
+    validation: list[float] = field(default_factory=list)  # mean PCC over the validation slides
+    saved_steps: list[int] = field(default_factory=list)
+    done: dict | None = None  # the "done" event: checkpoint, best_validation, steps, cancelled, seconds
+    other: list[str] = field(default_factory=list)  # lines that were not progress events (kept for errors)
+    _pending: str = ""
+
+    def feed(self, text: str) -> list[dict]:
+        """Take output as it arrives (any piece of it); returns the events its complete lines held."""
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        return [event for line in lines if (event := self.add_line(line)) is not None]
+
+    def finish(self) -> list[dict]:
+        """The process ended: a last line without a newline counts too."""
+        rest, self._pending = self._pending, ""
+        event = self.add_line(rest)
+        return [event] if event is not None else []
+
+    def add_line(self, line: str) -> dict | None:
+        line = line.strip()
+        if not line:
+            return None
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            event = None
+        if not isinstance(event, dict) or "event" not in event:
+            self.other.append(line)
+            return None
+        if event["event"] == "step":
+            self.total = int(event.get("total", self.total))
+            self.steps.append(int(event["step"]))
+            self.losses.append(float(event["loss"]))
+            scores = event.get("validation")
+            if scores:
+                self.validation_steps.append(int(event["step"]))
+                self.validation.append(_nanmean(scores.values()))
+            if event.get("saved"):
+                self.saved_steps.append(int(event["step"]))
+        elif event["event"] == "done":
+            self.done = event
+        return event
+
+    @property
+    def step(self) -> int:
+        return self.steps[-1] if self.steps else 0
+
+
+def _nanmean(values) -> float:
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return sum(finite) / len(finite) if finite else math.nan
