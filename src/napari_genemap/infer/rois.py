@@ -248,16 +248,9 @@ def roi_frame(table: ad.AnnData) -> pd.DataFrame:
 
 def write_csv(table: ad.AnnData, path: str | os.PathLike) -> Path:
     """Write `roi_frame` (6 significant digits) through a temporary file, so no half-written CSV is left."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        roi_frame(table).to_csv(temporary, index=False, float_format="%.6g")
-        os.replace(temporary, path)
-    except OSError as error:
-        raise GenemapInputError(f"{path}: cannot write the CSV ({error.strerror or error})") from None
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+    return _write_through_temporary(
+        Path(path), lambda target: roi_frame(table).to_csv(target, index=False, float_format="%.6g"), "the CSV"
+    )
 
 
 def write_h5ad(table: ad.AnnData, path: str | os.PathLike) -> Path:
@@ -265,12 +258,17 @@ def write_h5ad(table: ad.AnnData, path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.suffix != ".h5ad":
         raise GenemapInputError(f"{path}: an AnnData file's name must end in .h5ad")
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp.h5ad")
+    return _write_through_temporary(path, table.write_h5ad, "the AnnData file", suffix=".h5ad")
+
+
+def _write_through_temporary(path: Path, write, what: str, suffix: str = "") -> Path:
+    """``write(temporary)`` then rename onto ``path``: no half-written file is ever left at ``path``."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        table.write_h5ad(temporary)
+        write(temporary)
         os.replace(temporary, path)
     except OSError as error:
-        raise GenemapInputError(f"{path}: cannot write the AnnData file ({error.strerror or error})") from None
+        raise GenemapInputError(f"{path}: cannot write {what} ({error.strerror or error})") from None
     finally:
         temporary.unlink(missing_ok=True)
     return path

@@ -172,18 +172,17 @@ class GeneMapsWidget(QWidget):
         self.viewer.add_points(data, **meta)
 
     def gene_layers(self, gene: str | None = None) -> list:
-        return [
-            layer
-            for layer in self.viewer.layers
-            if layer.metadata.get("genemap", {}).get("element") == GENE_MAP
-            and (gene is None or layer.metadata["genemap"]["gene"] == gene)
-        ]
+        return self._layers(GENE_MAP, gene)
 
     def measured_layers(self, gene: str | None = None) -> list:
+        return self._layers(MEASURED, gene)
+
+    def _layers(self, element: str, gene: str | None) -> list:
+        """This panel's layers of one kind (by the provenance in their metadata), optionally of one gene."""
         return [
             layer
             for layer in self.viewer.layers
-            if layer.metadata.get("genemap", {}).get("element") == MEASURED
+            if layer.metadata.get("genemap", {}).get("element") == element
             and (gene is None or layer.metadata["genemap"]["gene"] == gene)
         ]
 
