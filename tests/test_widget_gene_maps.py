@@ -103,3 +103,153 @@ def test_a_bad_checkpoint_is_reported_in_one_line(viewer_with_sample, tmp_path):
     widget.checkpoint.setText(str(tmp_path / "missing"))
     widget.apply_model()
     assert widget.status.text() == f"error: {tmp_path / 'missing'}: no such checkpoint"
+
+
+@pytest.fixture
+def ready_panels(viewer_with_sample, qtbot):
+    """The sample with the Slide & model and Gene maps panels docked and the shipped model ready."""
+    from napari_genemap.widgets.gene_maps import GeneMapsWidget
+    from napari_genemap.widgets.slide_model import SlideModelWidget
+
+    viewer = viewer_with_sample
+    slide_widget, maps = SlideModelWidget(viewer), GeneMapsWidget(viewer)
+    viewer.window.add_dock_widget(slide_widget)
+    viewer.window.add_dock_widget(maps)
+    qtbot.waitUntil(lambda: slide_widget.session.cache is not None, timeout=180_000)
+    return viewer, slide_widget, maps
+
+
+def _predicted(maps, qtbot) -> None:
+    qtbot.waitUntil(lambda: maps.status.text() == "view predicted", timeout=180_000)
+
+
+def _percentile_in_view(maps, layer) -> float:
+    level, (i0, i1, j0, j1) = maps.view_box(layer)
+    values = layer.data[level].read(max(i0, 0), i1, max(j0, 0), j1)
+    return float(np.percentile(values[np.isfinite(values)], 99.5))
+
+
+def test_cached_maps_get_contrast_from_what_is_visible_and_keep_a_users_own(ready_panels, qtbot):
+    """A second gene, or a gene removed and added again, reads cached tiles only: no tile arrives, yet its
+    contrast must follow its values (it used to stay at 0-1, i.e. black, at ~0.03 per map pixel)."""
+    viewer, _, maps = ready_panels
+    first = maps.add_gene("KRT8")
+    _predicted(maps, qtbot)
+    qtbot.waitUntil(lambda: first.contrast_limits[1] < 0.9, timeout=30_000)
+
+    second = maps.add_gene("MUCL1")
+    qtbot.wait(300)
+    assert second.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, second), rel=0.02)
+    assert second.contrast_limits[1] < 0.5  # not the placeholder 0-1
+
+    viewer.layers.remove(first)
+    again = maps.add_gene("KRT8")
+    assert again.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, again), rel=0.02)
+
+    # the view moves to a smaller region: the limits follow what is visible there
+    viewer.camera.zoom *= 4
+    viewer.camera.center = (0, 200, 200)
+    qtbot.wait(600)
+    assert again.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, again), rel=0.11)
+
+    # limits set by hand stay, whatever the view does
+    again.contrast_limits = (0.0, 0.123)
+    viewer.reset_view()
+    qtbot.wait(600)
+    assert again.contrast_limits == pytest.approx((0.0, 0.123))
+
+
+def _dimmer_checkpoint(tmp_path):
+    """The shipped checkpoint with its gene head's bias lowered: a real, different model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from napari_genemap.checkpoints import shipped_checkpoint
+
+    folder = tmp_path / "pixnet-dimmer"
+    shutil.copytree(shipped_checkpoint(), folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["head.bias"] = (weights["head.bias"].astype(np.float32) - 1.0).astype(weights["head.bias"].dtype)
+    save_file(weights, folder / "model.safetensors")
+    return folder
+
+
+def test_a_model_switch_replaces_the_maps_and_names_the_model(ready_panels, qtbot, tmp_path):
+    viewer, slide_widget, maps = ready_panels
+    old = maps.add_gene("KRT8")
+    assert old.name == "KRT8 · pixnet-her2st"
+    _predicted(maps, qtbot)
+    old_values = np.asarray(old.data[0][:, :])
+    old_cache = str(maps.session.cache.path)
+
+    slide_widget.checkpoint.setText(str(_dimmer_checkpoint(tmp_path)))
+    slide_widget.apply_model()
+    qtbot.waitUntil(
+        lambda: maps.session.cache is not None and str(maps.session.cache.path) != old_cache, timeout=180_000
+    )
+    qtbot.waitUntil(lambda: "KRT8 · pixnet-dimmer" in viewer.layers, timeout=30_000)
+    assert "KRT8 · pixnet-her2st" not in viewer.layers  # the old model's map is gone, not left on screen
+    [layer] = maps.gene_layers("KRT8")
+    assert layer.metadata["genemap"]["cache"] == str(maps.session.cache.path)
+    _predicted(maps, qtbot)
+    new_values = np.asarray(layer.data[0][:, :])
+    assert np.isfinite(new_values).all() and new_values.mean() < 0.8 * old_values.mean()
+    # adding the gene again shows the new model's layer, never a stale one
+    assert maps.add_gene("KRT8") is layer
+
+
+def test_pearson_follows_the_active_gene_and_says_what_it_counts(ready_panels, qtbot):
+    viewer, _, maps = ready_panels
+    krt8 = maps.add_gene("KRT8")
+    _predicted(maps, qtbot)
+    other = maps.add_gene("MUCL1")
+    qtbot.waitUntil(lambda: "MUCL1: Pearson" in maps.pcc_label.text(), timeout=60_000)
+    viewer.layers.move(viewer.layers.index(other), 1)  # below KRT8: the topmost is not what counts
+    viewer.layers.selection.active = other
+    qtbot.waitUntil(lambda: "MUCL1: Pearson" in maps.pcc_label.text(), timeout=60_000)
+    viewer.layers.selection.active = krt8
+    qtbot.waitUntil(lambda: "KRT8: Pearson" in maps.pcc_label.text(), timeout=60_000)
+    text = maps.pcc_label.text()
+    assert "49 of 49 measured spots in view" in text
+    assert "(B4) was in the model's training data" in text  # the sample is a crop of a training section
+
+
+def test_gene_search_says_what_is_missing_and_never_acts_on_a_hidden_gene(ready_panels, qtbot):
+    viewer, _, maps = ready_panels
+    maps.genes.setCurrentRow(3)
+    hidden_before = maps.genes.currentItem().text()
+    maps.search.setText("ERBB2")
+    assert maps.genes.count() == 0
+    assert maps.search_note.text() == "ERBB2 is not among this model's 785 genes"
+    maps.add_button.click()
+    assert not maps.gene_layers() and hidden_before not in " ".join(layer.name for layer in viewer.layers)
+
+    maps.search.setText("krt8")
+    assert maps.genes.item(0).text() == "KRT8"  # the exact match first, before KRT80, KRT81, ...
+    assert all("KRT8" in maps.genes.item(i).text() for i in range(maps.genes.count()))
+    qtbot.keyClick(maps.search, "\r")
+    assert [layer.metadata["genemap"]["gene"] for layer in maps.gene_layers()] == ["KRT8"]
+
+
+def test_a_second_slide_becomes_the_active_one_and_hides_the_first(ready_panels, qtbot, sample_copy):
+    """Slides open at the same place: the new one is where the model runs, the old one's layers are hidden
+    (never removed), and switching back shows them again."""
+    viewer, slide_widget, maps = ready_panels
+    krt8 = maps.add_gene("KRT8")
+    first_he = viewer.layers["B4_crop H&E"]
+    for folder, suffix in (("images", ".jpg"), ("counts", ".tsv.gz"), ("spots", "_selection.tsv")):
+        (sample_copy / folder / f"B4_crop{suffix}").rename(sample_copy / folder / f"B4_copy{suffix}")
+    viewer.open(str(sample_copy / "images" / "B4_copy.jpg"), plugin="napari-genemap")
+    assert slide_widget.slides.currentText() == "B4_copy H&E"
+    assert slide_widget.active.text().startswith("The model runs on: B4_copy H&E (1 other slide open, hidden")
+    assert krt8 in viewer.layers and not krt8.visible and not first_he.visible
+    assert viewer.layers["B4_copy H&E"].visible
+    qtbot.waitUntil(lambda: maps.session.cache is not None and maps.genes.count() == 785, timeout=180_000)
+    copy_map = maps.add_gene("KRT8")
+    assert copy_map is not krt8 and copy_map.metadata["genemap"]["slide"].endswith("B4_copy.jpg::")
+    assert copy_map.name == "KRT8 · pixnet-her2st · B4_copy"  # the other slide has a KRT8 of this model
+
+    slide_widget.slides.setCurrentText("B4_crop H&E")
+    assert first_he.visible and krt8.visible and not copy_map.visible
+    assert not viewer.layers["B4_copy H&E"].visible

@@ -4,6 +4,7 @@ from importlib.resources import files
 from pathlib import Path
 
 SECTION = "B4_crop"
+SOURCE_SECTION = "B4"  # the HER2ST section the crop was cut from (models trained on B4 have seen it)
 
 
 def sample_root() -> Path:
@@ -15,4 +16,6 @@ def read_sample():
     """The demo sample as canonical SpatialData (H&E pyramid, 49 spots, 785 genes)."""
     from ..io import read_her2st
 
-    return read_her2st(sample_root(), SECTION)
+    sdata = read_her2st(sample_root(), SECTION)
+    sdata.attrs["genemap"]["derived_from"] = SOURCE_SECTION
+    return sdata

@@ -1,9 +1,13 @@
 """Gene maps dock widget: pick genes, show their predicted maps as layers; prediction follows the view.
 
-Thin over `infer.view` (layer data read from the cache, NaN where not predicted yet, so the H&E shows
-through) and the session's tile service (which runs the model in its own process). After every camera
-move (debounced) the tiles of the shown level are asked for, nearest the view's centre first, then a
-ring around it, then the coarser levels; the service drops what the previous view wanted.
+Thin over `infer.view` (layer data read from the cache, NaN where not predicted yet or glass, so the H&E
+shows through) and the session's tile service (which runs the model in its own process). After every
+camera move (throttled) the tiles of the shown level are asked for, nearest the view's centre first, then
+a ring around it, then the coarser levels; the service drops what the previous view wanted.
+
+A gene layer belongs to one slide and one model: its name says the model ("KRT8 · pixnet-her2st") and its
+metadata the slide, model and cache. When the model changes, the active slide's layers are rebuilt from
+the new model's cache; when the slide changes, the other slides' layers are hidden (never removed).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from ._qt import connect_session, wrapped_label
 VIEW_DEBOUNCE_MS = 120
 GENE_MAP = "gene_map"
 MEASURED = "measured_spots"
+CONTRAST_PERCENTILE = 99.5
+CONTRAST_TOLERANCE = 0.1  # follow the view's range, but ignore changes smaller than this (no flicker)
 
 
 class GeneMapsWidget(QWidget):
@@ -35,26 +41,33 @@ class GeneMapsWidget(QWidget):
         self.session = connect_session(napari_viewer)
         self.tiles_done = 0
         self.queued = 0
-        self.pcc: float | None = None  # Pearson of the current gene over the measured spots in view
-        self._pcc_request = None
+        self.pcc: float | None = None  # Pearson of the active gene over the measured spots in view
+        self._pcc_request: str | None = None  # the gene whose Pearson is being aggregated
+        self._pcc_stale = False  # the view or gene changed while a request was out
+        self._all_genes: list[str] = []
+        self._setting_contrast = False
+        self._overlay_text = ""  # what this panel last wrote in the viewer's text overlay
 
         self.search = QLineEdit()
-        self.search.setPlaceholderText("search genes")
+        self.search.setPlaceholderText("search genes (Enter adds the top hit)")
+        self.search_note = wrapped_label("")
         self.genes = QListWidget()
         self.add_button = QPushButton("Add gene map")
         self.remove_button = QPushButton("Remove")
         self.pause_box = QCheckBox("Pause prediction")
+        self.smooth_box = QCheckBox("Smooth map (linear interpolation)")
         self.status = wrapped_label("open a slide: the Slide & model panel starts the model")
         self.pcc_label = wrapped_label("")
+        self.legend = wrapped_label("")
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.add_button)
         buttons.addWidget(self.remove_button)
         layout = QVBoxLayout(self)
-        for widget in (self.search, self.genes):
+        for widget in (self.search, self.search_note, self.genes):
             layout.addWidget(widget)
         layout.addLayout(buttons)
-        for widget in (self.pause_box, self.status, self.pcc_label):
+        for widget in (self.pause_box, self.smooth_box, self.status, self.pcc_label, self.legend):
             layout.addWidget(widget)
 
         self._view_timer = QTimer(self)
@@ -63,18 +76,23 @@ class GeneMapsWidget(QWidget):
         self._view_timer.timeout.connect(self.request_view)
 
         self.search.textChanged.connect(self._filter)
+        self.search.returnPressed.connect(self._add_top_hit)
         self.genes.itemDoubleClicked.connect(lambda item: self.add_gene(item.text()))
         self.add_button.clicked.connect(self._add_selected)
         self.remove_button.clicked.connect(self._remove_selected)
-        self.pause_box.toggled.connect(self.session.pause)
+        self.pause_box.toggled.connect(self._pause)
+        self.smooth_box.toggled.connect(self._set_interpolation)
         self.session.ready.connect(self._on_ready)
-        self.session.tiles.connect(self._on_tiles)
+        self.session.progress.connect(self._on_progress)
         self.session.error.connect(lambda message: self.status.setText(f"error: {message}"))
-        self.session.slide_changed.connect(lambda _: self._clear_layers())
+        self.session.slide_changed.connect(self._on_slide_changed)
+        self.session.model_changed.connect(self._on_model_changed)
         self.viewer.camera.events.center.connect(self._view_changed)
         self.viewer.camera.events.zoom.connect(self._view_changed)
         self.viewer.layers.events.inserted.connect(self._view_changed)
         self.viewer.layers.events.removed.connect(self._view_changed)
+        self.viewer.layers.selection.events.active.connect(self._on_active_changed)
+        self.viewer.scale_bar.visible = True
         if self.session.cache is not None:
             self._on_ready(self.session.cache)
 
@@ -97,26 +115,50 @@ class GeneMapsWidget(QWidget):
         order = np.argsort(-np.nan_to_num(np.asarray(variance, float), nan=-1.0), kind="stable")
         return [genes[i] for i in order]
 
-    def _on_ready(self, cache) -> None:
-        self.genes.clear()
-        self.genes.addItems(self.gene_order())
-        self._filter(self.search.text())
-        self.status.setText(f"model ready: {len(cache.genes)} genes; add a gene map")
-        self._view_changed()
-
     def _filter(self, text: str) -> None:
-        text = text.strip().upper()
-        for row in range(self.genes.count()):
-            item = self.genes.item(row)
-            item.setHidden(bool(text) and text not in item.text().upper())
+        """Show the genes matching ``text``: an exact match first, then prefixes, then the rest. The list
+        holds only what is shown, so no hidden item can be selected and acted on."""
+        query = text.strip().upper()
+        if query:
+            exact = [g for g in self._all_genes if g.upper() == query]
+            prefix = [g for g in self._all_genes if g.upper().startswith(query) and g.upper() != query]
+            inner = [g for g in self._all_genes if query in g.upper() and not g.upper().startswith(query)]
+            shown = exact + prefix + inner
+        else:
+            shown = list(self._all_genes)
+        self.genes.clear()
+        self.genes.addItems(shown)
+        if shown:
+            self.genes.setCurrentRow(0)
+        self.search_note.setText(self._no_match_note(text.strip()) if query and not shown else "")
+
+    def _no_match_note(self, text: str) -> str:
+        note = f"{text} is not among this model's {len(self._all_genes)} genes"
+        slide = self.session.slide
+        table = slide.tables.get("counts") if slide is not None else None
+        if table is not None:
+            measured = [g for g in table.var_names.astype(str) if text.upper() in g.upper()]
+            if measured:
+                return f"{note}; this slide measures {', '.join(measured[:5])} (not predicted by this model)"
+        return note
+
+    def _add_top_hit(self) -> None:
+        if self.genes.count():
+            self.add_gene(self.genes.item(0).text())
 
     def _add_selected(self) -> None:
-        for item in self.genes.selectedItems():
-            self.add_gene(item.text())
+        chosen = [item.text() for item in self.genes.selectedItems()]
+        if not chosen and self.genes.count():
+            chosen = [self.genes.item(0).text()]
+        if not chosen:
+            self.search_note.setText("no gene to add: the search matches none of this model's genes")
+        for gene in chosen:
+            self.add_gene(gene)
 
     def _remove_selected(self) -> None:
+        slide = self.session.slide_key
         for item in self.genes.selectedItems():
-            for layer in self.gene_layers(item.text()) + self.measured_layers(item.text()):
+            for layer in self.gene_layers(item.text(), slide) + self.measured_layers(item.text(), slide):
                 self.viewer.layers.remove(layer)
 
     def add_gene(self, gene: str):
@@ -125,38 +167,57 @@ class GeneMapsWidget(QWidget):
         if cache is None:
             self.status.setText("the model is not ready yet")
             return None
-        existing = self.gene_layers(gene)
+        if gene not in cache.genes:
+            self.search_note.setText(f"{gene} is not among this model's {len(cache.genes)} genes")
+            return None
+        mine = self.gene_layers(gene, self.session.slide_key)
+        existing = [layer for layer in mine if _cache_of(layer) == str(cache.path)]
         if existing:
             existing[0].visible = True
+            self.viewer.layers.selection.active = existing[0]
             return existing[0]
+        layer = self._add_map(gene, cache)
+        self._add_measured(gene)
+        self.viewer.layers.selection.active = layer
+        self._auto_contrast(layer)
+        self._view_changed()
+        return layer
+
+    def _add_map(self, gene: str, cache):
         from ..io import slide_mpp
+        from ..layers import slide_name
 
         mpp = slide_mpp(self.session.slide)
         pixel_um = cache.grid.map_pixel_size(0) * mpp
+        name = f"{gene} · {self.session.model_name}"
+        if name in self.viewer.layers:  # another slide's map of the same gene and model
+            name += f" · {slide_name(self.session.slide)}"
         offset = (pixel_um - mpp) / 2  # map pixel 0 covers slide pixels [0, size): centre vs pixel centre
         layer = self.viewer.add_image(
             gene_levels(cache, gene),
             multiscale=True,
-            name=f"{gene} (predicted)",
+            name=name,
             colormap="magma",
             opacity=0.75,
             scale=(pixel_um, pixel_um),
             translate=(offset, offset),
             units=("µm", "µm"),
             contrast_limits=(0.0, 1.0),
+            interpolation2d="linear" if self.smooth_box.isChecked() else "nearest",
             metadata={
                 "genemap": {
                     "element": GENE_MAP,
                     "gene": gene,
+                    "slide": self.session.slide_key,
                     "cache": str(cache.path),
-                    "model": str(self.session.checkpoint),
-                    "units": "expression (raw counts scale) per map pixel",
-                    "contrast_set": False,
+                    "model": self.session.model_name,
+                    "checkpoint": str(self.session.checkpoint),
+                    "units": f"predicted counts per {pixel_um:.1f} µm map pixel",
+                    "contrast_user": False,
                 }
             },
         )
-        self._add_measured(gene)
-        self._view_changed()
+        layer.events.contrast_limits.connect(lambda _event, layer=layer: self._contrast_touched(layer))
         return layer
 
     def _add_measured(self, gene: str) -> None:
@@ -164,32 +225,95 @@ class GeneMapsWidget(QWidget):
 
         slide = self.session.slide
         table = slide.tables.get("counts") if slide is not None else None
-        if table is None or gene not in table.var_names:
+        if table is None or gene not in table.var_names or self.measured_layers(gene, self.session.slide_key):
             return
         data, meta, _ = spots_layer(slide, gene)
         meta["name"] = f"{gene} (measured)"
-        meta["metadata"]["genemap"]["element"] = MEASURED
+        meta["metadata"]["genemap"] |= {"element": MEASURED, "slide": self.session.slide_key}
         self.viewer.add_points(data, **meta)
 
-    def gene_layers(self, gene: str | None = None) -> list:
-        return self._layers(GENE_MAP, gene)
+    def gene_layers(self, gene: str | None = None, slide: str | None = None) -> list:
+        return self._layers(GENE_MAP, gene, slide)
 
-    def measured_layers(self, gene: str | None = None) -> list:
-        return self._layers(MEASURED, gene)
+    def measured_layers(self, gene: str | None = None, slide: str | None = None) -> list:
+        return self._layers(MEASURED, gene, slide)
 
-    def _layers(self, element: str, gene: str | None) -> list:
-        """This panel's layers of one kind (by the provenance in their metadata), optionally of one gene."""
-        return [
-            layer
-            for layer in self.viewer.layers
-            if layer.metadata.get("genemap", {}).get("element") == element
-            and (gene is None or layer.metadata["genemap"]["gene"] == gene)
-        ]
+    def _layers(self, element: str, gene: str | None, slide: str | None) -> list:
+        """This panel's layers of one kind (by the provenance in their metadata), optionally of one gene
+        and one slide."""
+        found = []
+        for layer in self.viewer.layers:
+            info = layer.metadata.get("genemap", {})
+            if info.get("element") != element:
+                continue
+            if (gene is None or info["gene"] == gene) and (slide is None or info.get("slide") == slide):
+                found.append(layer)
+        return found
 
-    def _clear_layers(self) -> None:
-        for layer in self.gene_layers() + self.measured_layers():
-            self.viewer.layers.remove(layer)
+    def active_gene_layer(self):
+        """The gene layer the panel speaks of: the selected one, else the topmost visible one of the slide."""
+        shown = [layer for layer in self.gene_layers(slide=self.session.slide_key) if layer.visible]
+        active = self.viewer.layers.selection.active
+        if active is not None and active in shown:
+            return active
+        return shown[-1] if shown else None
+
+    # --- slide and model changes -------------------------------------------------------------------------
+    def _on_ready(self, cache) -> None:
+        self._pcc_request, self._pcc_stale = None, False
+        self._all_genes = self.gene_order()
+        self._filter(self.search.text())
+        rebuilt, dropped = self._rebuild_layers(cache)
+        message = f"model ready ({self.session.model_name}, {len(cache.genes)} genes): add a gene map"
+        if rebuilt:
+            message = f"model ready: {', '.join(rebuilt)} now from {self.session.model_name}"
+        if dropped:
+            message += f"; removed {', '.join(dropped)} (not among this model's genes)"
+        self.status.setText(message)
+        self._update_legend()
+        self._view_changed()
+
+    def _rebuild_layers(self, cache) -> tuple[list[str], list[str]]:
+        """Re-make the active slide's gene layers that another model (another cache) drew, in place."""
+        rebuilt, dropped = [], []
+        for old in self.gene_layers(slide=self.session.slide_key):
+            if _cache_of(old) == str(cache.path):
+                continue
+            gene, index, visible = old.metadata["genemap"]["gene"], self.viewer.layers.index(old), old.visible
+            self.viewer.layers.remove(old)
+            if gene not in cache.genes:
+                dropped.append(gene)
+                continue
+            layer = self._add_map(gene, cache)
+            self.viewer.layers.move(self.viewer.layers.index(layer), index)
+            layer.visible = visible
+            self._auto_contrast(layer)
+            rebuilt.append(gene)
+        return rebuilt, dropped
+
+    def _on_model_changed(self, checkpoint) -> None:
+        self._pcc_request = None
+        self.pcc = None
+        self.pcc_label.setText("")
+        if self.session.slide is not None:
+            self.status.setText(f"loading the model {self.session.model_name}…")
+
+    def _on_slide_changed(self, _sdata) -> None:
+        """Hide the other slides' layers (remembering which were shown) and show this slide's again."""
+        self._pcc_request, self.pcc = None, None
+        self.pcc_label.setText("")
+        self.tiles_done, self.queued = 0, 0
+        self._all_genes = []
         self.genes.clear()
+        key = self.session.slide_key
+        for layer in self.gene_layers() + self.measured_layers():
+            info = layer.metadata["genemap"]
+            if info.get("slide") != key and layer.visible:
+                layer.visible = False
+                info["hidden_by_switch"] = True
+            elif info.get("slide") == key and info.pop("hidden_by_switch", False):
+                layer.visible = True
+        self.status.setText("starting the model on the new slide…")
 
     # --- the view drives prediction ----------------------------------------------------------------------
     def _view_changed(self, *_) -> None:
@@ -205,74 +329,155 @@ class GeneMapsWidget(QWidget):
     def request_view(self) -> None:
         """Ask the service for the tiles of the current view (replacing what it was asked before)."""
         cache = self.session.cache
-        visible = [layer for layer in self.gene_layers() if layer.visible]
         if cache is None:
             return
-        if not visible:
+        layer = self.active_gene_layer()
+        if layer is None or _cache_of(layer) != str(cache.path):
             self.session.want([])
             return
-        level, box = self.view_box(visible[0])
+        level, box = self.view_box(layer)
         self.session.want(view_plan(cache, level, box))
+        for shown in self.gene_layers(slide=self.session.slide_key):
+            if shown.visible:
+                self._auto_contrast(shown)
         self._update_pcc()
 
-    def _on_tiles(self, done: list, queued: int, paused: bool) -> None:
+    def _on_progress(self, report: dict) -> None:
+        done, queued, paused = report["done"], report["queued"], report["paused"]
         self.tiles_done += len(done)
         self.queued = queued
-        state = "paused" if paused else "predicting" if queued else "view predicted"
-        self.status.setText(f"{state}: {self.tiles_done} tiles done, {queued} queued")
+        self.status.setText(_progress_text(queued, paused, report.get("total"), report.get("eta_s")))
         if done:
-            for layer in self.gene_layers():
+            for layer in self.gene_layers(slide=self.session.slide_key):
                 _forget_thumbnail_level(layer)
                 layer.refresh()
-                self._set_contrast(layer)
+                self._auto_contrast(layer)
             self._update_pcc()
 
-    def _set_contrast(self, layer) -> None:
-        """Contrast from the predicted values in view, once (the user's own limits are kept after)."""
+    def _pause(self, paused: bool) -> None:
+        self.session.pause(paused)
+        self.status.setText(
+            "paused: the tile being predicted finishes, then nothing more until you resume"
+            if paused
+            else "resuming prediction…"
+        )
+
+    def _set_interpolation(self, smooth: bool) -> None:
+        for layer in self.gene_layers():
+            layer.interpolation2d = "linear" if smooth else "nearest"
+
+    # --- contrast follows what is visible ----------------------------------------------------------------
+    def _auto_contrast(self, layer) -> None:
+        """Contrast 0 to the 99.5th percentile of the predicted values in view, updated when that moves by
+        more than 10%; limits the user set by hand are kept."""
         info = layer.metadata["genemap"]
-        if info["contrast_set"]:
+        if info.get("contrast_user") or not layer.visible:
             return
         level, (i0, i1, j0, j1) = self.view_box(layer)
         values = layer.data[level].read(max(i0, 0), i1, max(j0, 0), j1)
         values = values[np.isfinite(values)]
-        if values.size and values.max() > 0:
-            layer.contrast_limits = (0.0, float(np.percentile(values, 99.5)))
-            info["contrast_set"] = True
+        if not values.size or values.max() <= 0:
+            return
+        high = float(np.percentile(values, CONTRAST_PERCENTILE)) or float(values.max())
+        current = float(layer.contrast_limits[1])
+        if info.get("contrast_auto") and abs(high - current) <= CONTRAST_TOLERANCE * current:
+            return
+        self._setting_contrast = True
+        try:
+            top = max(float(values.max()), high)
+            if top > layer.contrast_limits_range[1]:
+                layer.contrast_limits_range = (0.0, top)
+            layer.contrast_limits = (0.0, high)
+        finally:
+            self._setting_contrast = False
+        info["contrast_auto"] = True
+
+    def _contrast_touched(self, layer) -> None:
+        if not self._setting_contrast:
+            layer.metadata["genemap"]["contrast_user"] = True
+
+    # --- what the canvas says ----------------------------------------------------------------------------
+    def _on_active_changed(self, *_) -> None:
+        active = self.active_gene_layer()
+        for layer in self.gene_layers():
+            layer.colorbar.visible = layer is active  # one colour bar: several would overlap
+        overlay = self.viewer.text_overlay
+        if active is not None:
+            info = active.metadata["genemap"]
+            overlay.text = self._overlay_text = f"{info['gene']} ({info['model']}): colour bar in {info['units']}"
+            overlay.visible = True
+        elif overlay.text == self._overlay_text:  # ours, and nothing left to explain
+            overlay.visible = False
+        self._update_legend()
+        self._view_changed()
+
+    def _update_legend(self) -> None:
+        cache = self.session.cache
+        if cache is None or self.session.slide is None:
+            self.legend.setText("")
+            return
+        from ..io import slide_mpp
+
+        pixel_um = cache.grid.map_pixel_size(0) * slide_mpp(self.session.slide)
+        self.legend.setText(
+            f"Map (magma, colour bar): predicted expression per {pixel_um:.1f} µm map pixel, on the raw-count "
+            "scale; a spot's or circle's value is the map's integral over it. Measured spots (viridis): "
+            "ln(1 + counts per 10,000). The two colour scales are not the same: compare patterns, not colours."
+        )
 
     # --- prediction vs measurement in view ---------------------------------------------------------------
     def _update_pcc(self) -> None:
-        """Pearson of the shown gene between predicted and measured spots in view (cached tiles only)."""
+        """Pearson of the active gene between predicted and measured spots in view (cached tiles only)."""
         import geopandas as gpd
         import shapely
 
-        layers = [layer for layer in self.gene_layers() if layer.visible]
-        measured = self.measured_layers(layers[0].metadata["genemap"]["gene"]) if layers else []
-        if not measured or self._pcc_request is not None or self.session.cache is None:
+        layer = self.active_gene_layer()
+        if layer is None or self.session.cache is None:
+            return
+        gene = layer.metadata["genemap"]["gene"]
+        measured = self.measured_layers(gene, self.session.slide_key)
+        if not measured:
+            self.pcc = None
+            self.pcc_label.setText(f"{gene}: not measured on this slide, so no Pearson")
+            return
+        if self._pcc_request is not None:
+            self._pcc_stale = True
             return
         spots = measured[0]
-        (y0, x0), (y1, x1) = _view_in(layers[0], spots)
+        (y0, x0), (y1, x1) = _view_in(layer, spots)
         points = np.asarray(spots.data)
         inside = (points[:, 0] >= y0) & (points[:, 0] <= y1) & (points[:, 1] >= x0) & (points[:, 1] <= x1)
-        if inside.sum() < 3:
-            self.pcc_label.setText("Pearson (measured vs predicted): fewer than 3 spots in view")
+        in_view = int(inside.sum())
+        if in_view < 3:
+            self.pcc = None
+            self.pcc_label.setText(f"{gene}: {in_view} measured spots in view; Pearson needs at least 3")
             return
         radius = np.asarray(spots.size)[inside] / 2
         names = spots.features["spot"].to_numpy()[inside]
         shapes = gpd.GeoDataFrame(
             {"radius": radius}, geometry=shapely.points(points[inside][:, ::-1]), index=[str(n) for n in names]
         )
-        gene = layers[0].metadata["genemap"]["gene"]
         self._pcc_request = gene
-        self.session.aggregate(shapes, lambda table, error: self._show_pcc(gene, table, error), only_cached=True)
+        self.session.aggregate(
+            shapes, lambda table, error: self._show_pcc(gene, in_view, table, error), only_cached=True
+        )
 
-    def _show_pcc(self, gene: str, table, error: str | None) -> None:
+    def _show_pcc(self, gene: str, in_view: int, table, error: str | None) -> None:
         from ..data.protocols import Protocol
         from ..io import TABLE_KEY
 
         self._pcc_request = None
-        if error is not None or table is None or table.n_obs < 3:
+        active = self.active_gene_layer()
+        if self._pcc_stale or active is None or active.metadata["genemap"]["gene"] != gene:
+            self._pcc_stale = False
+            self._update_pcc()
+            return
+        predicted_spots = 0 if table is None else table.n_obs
+        if error is not None or predicted_spots < 3:
             self.pcc = None
-            self.pcc_label.setText("Pearson (measured vs predicted): waiting for the spots' tiles")
+            self.pcc_label.setText(
+                f"{gene}: waiting for the spots' tiles ({predicted_spots} of {in_view} spots in view predicted)"
+            )
             return
         protocol = Protocol.from_dict(self.session.model_card()["protocol"])
         counts = self.session.slide.tables[TABLE_KEY]
@@ -280,13 +485,39 @@ class GeneMapsWidget(QWidget):
         predicted = np.asarray(table[:, gene].X).ravel()
         if np.std(measured) == 0 or np.std(predicted) == 0:
             self.pcc = None
-            self.pcc_label.setText(f"{gene}: constant over the {table.n_obs} spots in view; Pearson undefined")
+            self.pcc_label.setText(f"{gene}: constant over the {predicted_spots} spots; Pearson undefined")
             return
         self.pcc = float(np.corrcoef(predicted, measured)[0, 1])
-        self.pcc_label.setText(
-            f"{gene}: Pearson {self.pcc:.3f} over {table.n_obs} measured spots in view "
-            f"(protocol {protocol.name}, spot integrals of the map)"
+        complete = "" if predicted_spots == in_view else " (the rest are not predicted yet)"
+        section = self.session.training_overlap()
+        seen = (
+            f"This slide ({section}) was in the model's training data: this shows fit, not generalisation."
+            if section
+            else "This slide is not among the model's recorded training slides."
         )
+        self.pcc_label.setText(
+            f"{gene}: Pearson {self.pcc:.3f} over {predicted_spots} of {in_view} measured spots in view"
+            f"{complete} (protocol {protocol.name}, spot integrals of the map). {seen}"
+        )
+
+
+def _progress_text(queued: int, paused: bool, total: int | None, eta_s: float | None) -> str:
+    """The status line in a reader's words: how much of the view is left and about how long it takes."""
+    if not queued:
+        return "view predicted"
+    count = f"{total - queued} / {total} tiles of this view done" if total else f"{queued} tiles to go"
+    if paused:
+        return f"paused: {count}"
+    if eta_s is None:
+        return f"predicting: {count}"
+    minutes = eta_s / 60
+    eta = f"about {eta_s:.0f} s" if eta_s < 90 else f"about {minutes:.0f} min"
+    return f"predicting: {count}, {eta} left"
+
+
+def _cache_of(layer) -> str:
+    """The path of the cache a gene layer reads."""
+    return layer.metadata["genemap"]["cache"]
 
 
 def _forget_thumbnail_level(layer) -> None:

@@ -33,6 +33,7 @@ class Session:
     model_changed = Signal(object)  # the checkpoint path
     ready = Signal(object)  # the GeneMapCache (read-only) the service fills
     tiles = Signal(list, int, bool)  # tiles just finished [(level, row, column)], tiles queued, paused
+    progress = Signal(dict)  # the service's whole "tiles" report (done, queued, paused, total, eta_s)
     error = Signal(str)  # one line for the user
     checkpoint_offered = Signal(str)  # a training run finished: its checkpoint folder
 
@@ -61,6 +62,38 @@ class Session:
         self.checkpoint, self.device = Path(checkpoint), device
         self.model_changed.emit(self.checkpoint)
         self.restart()
+
+    @property
+    def model_name(self) -> str:
+        """How layers name the model that made them: the checkpoint's folder name."""
+        return Path(self.checkpoint).name
+
+    @property
+    def slide_key(self) -> str | None:
+        """What identifies the active slide in layer metadata (how the service reopens it)."""
+        if self.slide_spec is None:
+            return None
+        return f"{self.slide_spec['path']}::{self.slide_spec['section'] or ''}"
+
+    def training_overlap(self) -> str | None:
+        """The section of the model's training data this slide is (or was cut from), else None.
+
+        Checkpoints record their training slides as (path, section); slides are matched by section name
+        (HER2ST-style names are unique within a data set), the bundled sample by the section it was cut from.
+        """
+        if self.slide is None:
+            return None
+        from ..io import slide_info
+        from ..layers import slide_name
+
+        info = slide_info(self.slide)
+        names = {str(n).lower() for n in (slide_name(self.slide), info.get("section"), info.get("derived_from")) if n}
+        training = self.model_card().get("provenance", {}).get("training", [])
+        for entry in training:
+            section = entry.get("section") or Path(str(entry.get("path", ""))).name.split(".")[0]
+            if section and section.lower() in names:
+                return section
+        return None
 
     def model_card(self) -> dict:
         """The checkpoint's config: genes, protocol, µm/px, training data, metrics."""
@@ -120,6 +153,7 @@ class Session:
                 self.ready.emit(self.cache)
             elif event.kind == "tiles":
                 self.tiles.emit(event.payload["done"], event.payload["queued"], event.payload["paused"])
+                self.progress.emit(event.payload)
             elif event.kind == "aggregated":
                 callback = self._callbacks.pop(event.payload["request"], None)
                 if callback is not None:

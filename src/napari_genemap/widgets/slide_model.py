@@ -1,8 +1,10 @@
 """Slide & model dock widget: which slide the model runs on, which checkpoint, which device; the model card.
 
 Slides come in through napari (File > Open, drag and drop, the sample: the plugin's reader) or the Open
-button here; every H&E layer the reader made is offered. Choosing a slide or a model (re)starts the
-session's tile service, which loads the checkpoint in its own process.
+button here; every H&E layer the reader made is offered, and a newly opened one becomes the active slide.
+Only the active slide's layers are shown (slides open at the same place; the others' layers are hidden,
+never removed). Choosing a slide or a model (re)starts the session's tile service, which loads the
+checkpoint in its own process.
 """
 
 from __future__ import annotations
@@ -71,9 +73,14 @@ class SlideModelWidget(QWidget):
         self.device = QComboBox()
         self.device.addItems(DEVICES)
         self.status = wrapped_label("")
+        self.active = wrapped_label("")
         self.offer = QPushButton("")
         self.offer.setVisible(False)
+        self.card_button = QPushButton("Model card…")
+        self.card_button.setCheckable(True)
         self.card = QTextBrowser()
+        self.card.setVisible(False)
+        self._known_slides: set[int] = set()  # H&E layers seen, to tell a newly opened slide
 
         checkpoint_row = QHBoxLayout()
         checkpoint_row.addWidget(self.checkpoint)
@@ -86,7 +93,7 @@ class SlideModelWidget(QWidget):
         form.addRow("Device", self.device)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        for widget in (self.use_button, self.offer, self.status, self.card):
+        for widget in (self.use_button, self.offer, self.active, self.status, self.card_button, self.card):
             layout.addWidget(widget)
 
         self.open_button.clicked.connect(self._open_dialog)
@@ -94,6 +101,7 @@ class SlideModelWidget(QWidget):
         self.use_button.clicked.connect(self.apply_model)
         self.slides.currentIndexChanged.connect(self._slide_chosen)
         self.offer.clicked.connect(self._use_offered)
+        self.card_button.toggled.connect(self.card.setVisible)
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
         self.viewer.layers.events.removed.connect(self._refresh_slides)
         self.session.ready.connect(self._on_ready)
@@ -114,7 +122,12 @@ class SlideModelWidget(QWidget):
         if not names:
             self.slide_info.setText("no slide open: File > Open, drag a slide here, or Open slide…")
             return
-        self.slides.setCurrentIndex(names.index(current) if current in names else len(names) - 1)
+        new = [i for i, layer in enumerate(layers) if id(layer) not in self._known_slides]
+        self._known_slides = {id(layer) for layer in layers}
+        if new:  # the user just opened it: that is the slide they want to look at
+            self.slides.setCurrentIndex(new[-1])
+        else:
+            self.slides.setCurrentIndex(names.index(current) if current in names else len(names) - 1)
         layer = layers[self.slides.currentIndex()]
         if self.session.slide is not layer.metadata["sdata"]:
             self.use_slide(layer)
@@ -137,8 +150,28 @@ class SlideModelWidget(QWidget):
         self.slide_info.setText(
             f"{width} x {height} px, {mpp:.4f} µm/px ({width * mpp / 1000:.2f} x {height * mpp / 1000:.2f} mm)"
         )
+        self._show_only(sdata)
+        self.active.setText(f"The model runs on: {layer.name}" + self._others_note())
         self.status.setText("starting the model…")
         self.session.set_slide(sdata, source["path"], section=source.get("section"), mpp=source.get("mpp"))
+
+    def _show_only(self, sdata) -> None:
+        """Show the active slide's H&E and spots; hide the other slides' (they open at the same place)."""
+        for layer in self.viewer.layers:
+            if "sdata" not in layer.metadata or "genemap" not in layer.metadata:
+                continue
+            info = layer.metadata["genemap"]
+            if layer.metadata["sdata"] is not sdata and layer.visible:
+                layer.visible = False
+                info["hidden_by_switch"] = True
+            elif layer.metadata["sdata"] is sdata and info.pop("hidden_by_switch", False):
+                layer.visible = True
+
+    def _others_note(self) -> str:
+        others = len(he_layers(self.viewer)) - 1
+        if not others:
+            return ""
+        return f" ({others} other slide{'s' if others > 1 else ''} open, hidden; choose above to switch)"
 
     def _open_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a slide")
@@ -170,9 +203,9 @@ class SlideModelWidget(QWidget):
 
     def _on_ready(self, cache) -> None:
         grid = cache.grid
-        self.status.setText(
-            f"model ready: {len(cache.genes)} genes, {grid.rows} x {grid.columns} tiles of {grid.tile} px "
-            f"(+{grid.halo} px context); cache {cache.path}"
+        self.status.setText(f"model ready: {self.session.model_name}, {len(cache.genes)} genes")
+        self.status.setToolTip(
+            f"{grid.rows} x {grid.columns} tiles of {grid.tile} model px (+{grid.halo} px context); cache {cache.path}"
         )
 
     def _offered(self, path: str) -> None:
