@@ -253,3 +253,32 @@ def test_a_second_slide_becomes_the_active_one_and_hides_the_first(ready_panels,
     slide_widget.slides.setCurrentText("B4_crop H&E")
     assert first_he.visible and krt8.visible and not copy_map.visible
     assert not viewer.layers["B4_copy H&E"].visible
+
+
+def test_open_slide_reads_in_the_background_with_a_busy_bar(viewer_with_sample, qtbot, sample_copy, tmp_path):
+    from qtpy.QtCore import QTimer
+
+    from napari_genemap.widgets.slide_model import SlideModelWidget, he_layers
+
+    viewer = viewer_with_sample
+    widget = SlideModelWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(10)
+    widget.open_slide(sample_copy / "images" / "B4_crop.jpg")
+    assert not widget.reading.isHidden() and widget.slide_info.text() == "reading B4_crop.jpg…"
+    qtbot.waitUntil(lambda: len(he_layers(viewer)) == 2, timeout=60_000)
+    timer.stop()
+    assert len(ticks) > 3  # the event loop ran while the slide was read
+    qtbot.waitUntil(lambda: widget.reading.isHidden(), timeout=10_000)
+    assert widget.slides.currentText() == he_layers(viewer)[-1].name
+
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    widget.open_slide(bad)
+    qtbot.waitUntil(lambda: widget.slide_info.text().startswith("error: "), timeout=30_000)
+    assert "notes.jpg" in widget.slide_info.text() and "\n" not in widget.slide_info.text()
+    qtbot.waitUntil(lambda: widget.reading.isHidden(), timeout=10_000)
+    widget.session.close()

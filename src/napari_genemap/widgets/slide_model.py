@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLineEdit,
+    QProgressBar,
     QPushButton,
     QTextBrowser,
     QVBoxLayout,
@@ -67,6 +68,10 @@ class SlideModelWidget(QWidget):
         self.slides = QComboBox()
         self.open_button = QPushButton("Open slide…")
         self.slide_info = wrapped_label("no slide open")
+        self.reading = QProgressBar()  # busy (no total): decoding a whole JPEG takes seconds
+        self.reading.setRange(0, 0)
+        self.reading.setVisible(False)
+        self._reader = None
         self.checkpoint = QLineEdit(str(self.session.checkpoint))
         self.browse_button = QPushButton("…")
         self.use_button = QPushButton("Use model")
@@ -89,6 +94,7 @@ class SlideModelWidget(QWidget):
         form.addRow("Slide", self.slides)
         form.addRow("", self.open_button)
         form.addRow("", self.slide_info)
+        form.addRow("", self.reading)
         form.addRow("Checkpoint", checkpoint_row)
         form.addRow("Device", self.device)
         layout = QVBoxLayout(self)
@@ -176,7 +182,39 @@ class SlideModelWidget(QWidget):
     def _open_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open a slide")
         if path:
-            self.viewer.open(path, plugin="napari-genemap")
+            self.open_slide(path)
+
+    def open_slide(self, path: str | Path) -> None:
+        """Read a slide in a worker thread (a HER2ST JPEG takes ~12 s to decode) with a busy bar, then add
+        its layers; the viewer stays responsive meanwhile. A bad file is reported in one line."""
+        from napari.layers import Layer
+        from napari.qt.threading import create_worker
+
+        from ..plugin import read_layers
+
+        def read() -> tuple[list[tuple] | None, str | None]:
+            # errors come back as values: a worker's exception would reach the user as a traceback
+            try:
+                return read_layers(str(path)), None
+            except GenemapInputError as error:
+                return None, str(error)
+            except Exception as error:
+                return None, f"{Path(path).name}: {type(error).__name__}: {error}"
+
+        def done(result: tuple[list[tuple] | None, str | None]) -> None:
+            layer_data, error = result
+            if error is not None:
+                self.slide_info.setText(f"error: {error}")
+                return
+            for data, meta, kind in layer_data:
+                self.viewer.add_layer(Layer.create(data, meta, kind))
+
+        self.reading.setVisible(True)
+        self.slide_info.setText(f"reading {Path(path).name}…")
+        self._reader = create_worker(read)
+        self._reader.returned.connect(done)
+        self._reader.finished.connect(lambda: self.reading.setVisible(False))
+        self._reader.start()
 
     # --- model -------------------------------------------------------------------------------------------
     def _browse_checkpoint(self) -> None:
