@@ -249,6 +249,9 @@ def test_a_second_slide_becomes_the_active_one_and_hides_the_first(ready_panels,
     copy_map = maps.add_gene("KRT8")
     assert copy_map is not krt8 and copy_map.metadata["genemap"]["slide"].endswith("B4_copy.jpg::")
     assert copy_map.name == "KRT8 · pixnet-her2st · B4_copy"  # the other slide has a KRT8 of this model
+    # the Pearson is recomputed on the new slide (the request pending at the switch died with the service)
+    qtbot.waitUntil(lambda: "KRT8: Pearson" in maps.pcc_label.text(), timeout=120_000)
+    assert "not among the model's recorded training slides" in maps.pcc_label.text()
 
     slide_widget.slides.setCurrentText("B4_crop H&E")
     assert first_he.visible and krt8.visible and not copy_map.visible
