@@ -8,7 +8,9 @@ import torch
 
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
-from napari_genemap.infer.engine import TileEngine, mean_downsample
+from napari_genemap.infer.cache import GeneMapCache, any_downsample
+from napari_genemap.infer.engine import TileEngine, map_tissue, mean_downsample
+from napari_genemap.infer.grid import TileGrid
 from napari_genemap.infer.lazy import gene_pyramid, level_array
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
@@ -88,6 +90,58 @@ def test_mean_downsample_of_odd_sizes():
     assert out[0, 0, 0] == pytest.approx((0 + 1 + 5 + 6) / 4)
     assert out[0, 0, 2] == pytest.approx((4 + 9) / 2)  # the odd last column
     assert out[0, 1, 2] == pytest.approx(14)  # the corner pixel alone
+
+
+@pytest.mark.parametrize("factor, stride, mask_scale", [(2.9, 4, 8.0), (5.8, 16, 8.0), (1.0, 4, 16.0), (0.5, 4, 1.0)])
+def test_tissue_on_map_pixels_is_any_mask_pixel_inside(factor, stride, mask_scale):
+    """Map pixels larger and smaller than mask pixels, against a pixel-by-pixel count."""
+    grid = TileGrid(301, 277, stride, tile=64, halo=0, factor=factor)
+    mask = (
+        np.random.default_rng(0).random(
+            (int(np.ceil(301 * factor / mask_scale)), int(np.ceil(277 * factor / mask_scale)))
+        )
+        > 0.97
+    )
+    tissue = map_tissue(mask, mask_scale, grid)
+    assert tissue.shape == grid.map_shape(0)
+    to_mask = factor / mask_scale
+    for i, j in np.ndindex(tissue.shape):
+        top, left = int(i * stride * to_mask), int(j * stride * to_mask)
+        bottom = max(top + 1, int(np.ceil(min((i + 1) * stride, 301) * to_mask)))
+        right = max(left + 1, int(np.ceil(min((j + 1) * stride, 277) * to_mask)))
+        assert tissue[i, j] == mask[top:bottom, left:right].any(), (i, j)
+    assert 0.02 < tissue.mean() < 0.98  # neither all nor nothing: the comparison means something
+
+
+def test_the_cache_keeps_the_tissue_mask_and_glass_tiles_count_as_done(sample_slide, tmp_path):
+    engine = TileEngine(small_model(stride=4), sample_slide, tmp_path / "a", tile=64, halo=32, min_level_side=16)
+    try:
+        stored = GeneMapCache.open(engine.cache.path)
+        np.testing.assert_array_equal(stored.tissue(0), map_tissue(engine.mask, engine.mask_scale, engine.grid))
+        np.testing.assert_array_equal(stored.tissue(2), any_downsample(any_downsample(stored.tissue(0))))
+        # tiles agree with the stored pixels: a tile has tissue iff one of its map pixels has
+        engine.mask = np.zeros_like(engine.mask)  # glass with three specks of tissue
+        engine.mask[[100, 1500, 2047], [200, 30, 2047]] = True
+        side, tissue = engine.grid.tile_map, map_tissue(engine.mask, engine.mask_scale, engine.grid)
+        tiles = [(r, c) for r in range(engine.grid.rows) for c in range(engine.grid.columns)]
+        with_tissue = {
+            t for t in tiles if tissue[t[0] * side : (t[0] + 1) * side, t[1] * side : (t[1] + 1) * side].any()
+        }
+        assert {t for t in tiles if engine.has_tissue(*t)} == with_tissue and len(with_tissue) == 3
+        # a glass tile is written as zeros (zarr writes no shard for it) and is done all the same
+        glass = next(t for t in tiles if t not in with_tissue)
+        engine.ensure(0, [glass])
+        engine.ensure(0, [glass])
+        assert engine.stats == {"predicted": 0, "empty": 1, "downsampled": 0}
+        assert engine.cache.has(0, *glass) and stored.has(0, *glass)
+        np.testing.assert_array_equal(stored.read(0, glass[0] * side, (glass[0] + 1) * side, 0, 4), 0)
+    finally:
+        engine.close()
+    plain = TileEngine(small_model(stride=4), sample_slide, tmp_path / "b", tile=64, halo=32, skip_background=False)
+    try:
+        assert GeneMapCache.open(plain.cache.path).tissue(0) is None  # shows everything
+    finally:
+        plain.close()
 
 
 def test_changing_the_checkpoint_invalidates_the_cache(sample_slide, tmp_path, engine):

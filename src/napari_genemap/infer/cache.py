@@ -3,9 +3,15 @@
 Layout: ``level{L}`` arrays of shape (genes, rows, columns), float16, one shard per tile holding
 (genes, C, C) with inner chunks (1, C, C) (C = the tile's side in map pixels), so showing one gene reads
 one inner chunk per tile and a tile is written as one file. zarr's local store writes each file to a
-temporary name and renames it, so a tile's shard is either whole or absent: a killed process never
-leaves a half-written tile that is later read as valid, and "done" is simply "its shard exists" (empty
-tiles are written too, as zeros, so that they are not recomputed).
+temporary name and renames it, so a tile's shard is either whole or absent.
+
+"Done" is an empty marker file ``level{L}/done/{row}-{column}`` written after the tile's data, not the
+shard's existence: zarr writes no shard for a tile that is all fill value (glass, written as zeros), so
+such a tile would never count as done. Data first, marker second: a killed process can leave data without
+a marker (recomputed), never a marker without data.
+
+``tissue`` (bool, level-0 map pixels, optional) is the engine's tissue mask, written with the store: a map
+pixel is tissue if any mask pixel inside it is. Viewers hide the rest (glass).
 
 The signature covers the slide's identity (path, size, modification time, dimensions, µm/px), the
 checkpoint (sha256 of its weights), the protocol, stride, tile, halo, model µm/px and the package
@@ -26,7 +32,7 @@ import numpy as np
 from ..errors import GenemapInputError
 from .grid import TileGrid
 
-CACHE_FORMAT = 2  # 2: the grid in the attributes (viewers open a store without the model)
+CACHE_FORMAT = 3  # 2: the grid in the attributes (viewers open a store without the model); 3: done markers, tissue
 DTYPE = "float16"
 
 
@@ -70,7 +76,17 @@ def signature_hash(value: dict) -> str:
 class GeneMapCache:
     """The signed store of one slide's gene maps; levels are created on first use."""
 
-    def __init__(self, root: str | os.PathLike, value: dict, grid: TileGrid, genes: list[str], levels: int):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        value: dict,
+        grid: TileGrid,
+        genes: list[str],
+        levels: int,
+        tissue: np.ndarray | None = None,
+    ):
+        """``tissue``: bool mask of level-0 map pixels, stored if this call creates the store (an existing
+        store keeps the mask, or the lack of one, it was created with)."""
         import zarr
 
         self.grid, self.genes, self.n_levels = grid, list(genes), levels
@@ -82,10 +98,12 @@ class GeneMapCache:
             if group.attrs.get("signature") != json.loads(json.dumps(value)):
                 raise GenemapInputError(f"{self.path}: cache signature does not match; delete the folder")
         else:
-            self._create(value)
+            self._create(value, tissue)
             group = zarr.open_group(self.path, mode="r+")
         self.group = group
         self.arrays = [group[f"level{level}"] for level in range(levels)]
+        self._tissue: list[np.ndarray] | None = None  # every level's mask, read on first use
+        self._tissue_read = False
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> GeneMapCache:
@@ -104,9 +122,10 @@ class GeneMapCache:
         self.genes, self.n_levels, self.signature = list(genes), int(levels), value
         self.digest, self.path, self.group = signature_hash(value), path, group
         self.arrays = [group[f"level{level}"] for level in range(self.n_levels)]
+        self._tissue, self._tissue_read = None, False
         return self
 
-    def _create(self, value: dict) -> None:
+    def _create(self, value: dict, tissue: np.ndarray | None) -> None:
         """Create the empty store under a temporary name, then rename it into place."""
         import zarr
 
@@ -126,6 +145,11 @@ class GeneMapCache:
                 config={"write_empty_chunks": True},
                 dimension_names=("c", "y", "x"),
             )
+            (staging / f"level{level}" / "done").mkdir()
+        if tissue is not None:
+            if tissue.shape != self.grid.map_shape(0):
+                raise ValueError(f"tissue mask {tissue.shape}: expected the level-0 map's {self.grid.map_shape(0)}")
+            group.create_array("tissue", data=np.asarray(tissue, bool), dimension_names=("y", "x"))
         group.attrs.update(
             {"signature": value, "genes": self.genes, "levels": self.n_levels, "grid": dataclasses.asdict(self.grid)}
         )
@@ -135,21 +159,33 @@ class GeneMapCache:
             shutil.rmtree(staging, ignore_errors=True)
 
     # --- tiles -------------------------------------------------------------------------------------------
-    def _shard_file(self, level: int, row: int, column: int) -> Path:
-        key = self.arrays[level].metadata.encode_chunk_key((0, row, column))
-        return self.path / f"level{level}" / key
+    def _marker(self, level: int, row: int, column: int) -> Path:
+        return self.path / f"level{level}" / "done" / f"{row}-{column}"
 
     def has(self, level: int, row: int, column: int) -> bool:
-        return self._shard_file(level, row, column).exists()
+        return self._marker(level, row, column).exists()
 
     def write(self, level: int, row: int, column: int, values: np.ndarray) -> None:
-        """Write one tile (genes, h, w) of ``level`` (h, w cut at the map's edge) as one shard file."""
+        """Write one tile (genes, h, w) of ``level`` (h, w cut at the map's edge), then mark it done."""
         i0, j0 = row * self.grid.tile_map, column * self.grid.tile_map
         height, width = values.shape[1:]
         self.arrays[level][:, i0 : i0 + height, j0 : j0 + width] = values.astype(DTYPE)
+        self._marker(level, row, column).touch()
 
     def read(self, level: int, i0: int, i1: int, j0: int, j1: int, genes=slice(None)) -> np.ndarray:
         return self.arrays[level][genes, i0:i1, j0:j1]
+
+    def tissue(self, level: int) -> np.ndarray | None:
+        """Bool mask of ``level``'s map pixels (True = tissue; a coarser pixel is tissue if any of its 2 x 2
+        is), or None when the store has no mask (everything is shown)."""
+        if not self._tissue_read:
+            if "tissue" in self.group:
+                masks = [np.asarray(self.group["tissue"][...], bool)]
+                for _ in range(1, self.n_levels):
+                    masks.append(any_downsample(masks[-1]))
+                self._tissue = masks
+            self._tissue_read = True
+        return None if self._tissue is None else self._tissue[level]
 
     def tile_shape(self, level: int, row: int, column: int) -> tuple[int, int]:
         height, width = self.grid.map_shape(level)
@@ -161,3 +197,11 @@ class GeneMapCache:
         height, width = self.grid.map_shape(level)
         side = self.grid.tile_map
         return -(-height // side), -(-width // side)
+
+
+def any_downsample(mask: np.ndarray) -> np.ndarray:
+    """2 x 2 "any" of a bool mask; an odd last row or column uses the pixels that exist."""
+    height, width = mask.shape
+    padded = np.zeros((height + height % 2, width + width % 2), bool)
+    padded[:height, :width] = mask
+    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).any((1, 3))

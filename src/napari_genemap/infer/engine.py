@@ -84,6 +84,30 @@ def tissue_mask(levels, scales: list[float], max_side: int = 2048) -> tuple[np.n
     return coloured | dark, float(scales[index])
 
 
+def map_tissue(mask: np.ndarray, mask_scale: float, grid: TileGrid) -> np.ndarray:
+    """The tissue mask on level-0 map pixels: a map pixel is tissue if any mask pixel it touches is (the
+    same rounding as `TileEngine.has_tissue`, so a tile without tissue has no tissue pixel)."""
+    height, width = grid.map_shape(0)
+    to_mask = grid.factor / mask_scale  # model px -> mask px
+
+    def spans(n: int, frame: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        edges = np.minimum(np.arange(n + 1) * grid.stride, frame) * to_mask  # the last pixel ends with the frame
+        start = np.minimum(np.floor(edges[:-1]).astype(np.int64), size - 1)
+        stop = np.clip(np.ceil(edges[1:]).astype(np.int64), start + 1, size)
+        return start, stop
+
+    def any_in_spans(values: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+        """Along axis 0: whether any value in [start, stop) is set (running sums, one axis at a time)."""
+        running = np.zeros((values.shape[0] + 1, *values.shape[1:]), np.int32)
+        np.cumsum(values, axis=0, dtype=np.int32, out=running[1:])
+        return running[stop] > running[start]
+
+    top, bottom = spans(height, grid.height, mask.shape[0])
+    left, right = spans(width, grid.width, mask.shape[1])
+    rows = any_in_spans(np.asarray(mask, bool), top, bottom)  # (map rows, mask columns)
+    return np.ascontiguousarray(any_in_spans(rows.T, left, right).T)
+
+
 class TileEngine:
     """Predicts and caches the gene maps of one slide with one model."""
 
@@ -113,11 +137,13 @@ class TileEngine:
         factor = model.mpp / self.slide_mpp
         self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
-        self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, self.grid.levels(min_level_side))
+        self.mask, self.mask_scale = tissue_mask(levels, scales) if skip_background else (None, 1.0)
+        tissue = None if self.mask is None else map_tissue(self.mask, self.mask_scale, self.grid)
+        levels_count = self.grid.levels(min_level_side)
+        self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, levels_count, tissue=tissue)
         if batch_size is None:
             batch_size = 4 if resolve_device(device).type == "cuda" else 1
         self.batch_size = batch_size
-        self.mask, self.mask_scale = tissue_mask(levels, scales) if skip_background else (None, 1.0)
         self._owner, self._device = owner, device  # the model thread starts on the first prediction
         self._owns_owner = owner is None
         self._lock = threading.Lock()

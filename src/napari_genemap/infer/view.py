@@ -1,8 +1,9 @@
 """What a viewer shows of a gene-map cache, and which tiles to ask for next.
 
 `CachedLevel` is the array a napari layer holds for one gene at one level: slicing it reads only what is
-in the cache (one inner chunk per tile for that gene) and gives NaN where a tile is not predicted yet, so
-the H&E shows through and slicing never waits for the model. `view_plan` orders the tiles a view needs:
+in the cache (one inner chunk per tile for that gene) and gives NaN where a tile is not predicted yet and
+where the cache's tissue mask says glass, so the H&E shows through (napari draws NaN transparent) and
+slicing never waits for the model. `view_plan` orders the tiles a view needs:
 the tiles in view at the shown level, nearest the view's centre first, then a ring around the view,
 then the same area at each coarser level.
 """
@@ -17,8 +18,8 @@ TileKey = tuple[int, int, int]  # (level, row, column)
 
 
 class CachedLevel:
-    """One gene's map at one level, read from the cache; NaN where the tile is missing. Array-like (what
-    napari needs: shape, dtype, ndim, slicing)."""
+    """One gene's map at one level, read from the cache; NaN where the tile is missing or on glass.
+    Array-like (what napari needs: shape, dtype, ndim, slicing)."""
 
     dtype = np.dtype("float32")
     ndim = 2
@@ -73,6 +74,9 @@ class CachedLevel:
                 out[top - i0 : bottom - i0, left - j0 : right - j0] = self.cache.read(
                     self.level, top, bottom, left, right, self.gene
                 )
+        tissue = self.cache.tissue(self.level)
+        if tissue is not None:
+            out[~tissue[i0:i1, j0:j1]] = np.nan
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
