@@ -139,21 +139,36 @@ def test_roi_table_has_the_disk_and_polygon_integrals_and_geometry(rois_and_tabl
     # hist2st-like protocol: counts per 1e4 over all genes, log10(1 + x): the same profile for any size
     expected = np.log10(1 + 1e4 * LEVELS / LEVELS.sum())
     np.testing.assert_allclose(table.X, np.tile(expected, (3, 1)), rtol=1e-5)
-    np.testing.assert_allclose(table.obs["area"], areas, rtol=1e-9)
+    np.testing.assert_allclose(table.obs["area_px2"], areas, rtol=1e-9)
     np.testing.assert_allclose(table.obs["area_um2"], areas * mpp**2, rtol=1e-9)
-    assert table.obs["radius_um"].iloc[0] == pytest.approx(40 * mpp)
+    assert table.obs["radius_px"].iloc[0] == 40 and table.obs["radius_um"].iloc[0] == pytest.approx(40 * mpp)
+    assert table.obs[["radius_px", "radius_um"]].iloc[1:].isna().all().all()
     assert list(table.obs["kind"]) == ["circle", "polygon", "polygon"]
-    np.testing.assert_allclose(table.obs[["x", "y"]].iloc[:2], [[600, 500], [300, 125]])
-    assert shapely.from_wkt(table.obs["geometry"].iloc[2]).equals(rois.geometry.iloc[2])
+    np.testing.assert_allclose(table.obs[["x_px", "y_px"]].iloc[:2], [[600, 500], [300, 125]])
+    np.testing.assert_allclose(table.obs[["x_um", "y_um"]].iloc[:2], np.array([[600, 500], [300, 125]]) * mpp)
+    np.testing.assert_allclose(table.obsm["spatial"][:2], [[600, 500], [300, 125]])  # slide pixels
+    assert shapely.from_wkt(table.obs["geometry_wkt_px"].iloc[2]).equals(rois.geometry.iloc[2])
 
 
-def test_csv_round_trip(rois_and_table, tmp_path):
+def test_csv_round_trip_says_its_units(rois_and_table, sample_slide, tmp_path):
     _, table = rois_and_table
+    mpp = slide_mpp(sample_slide)
     path = R.write_csv(table, tmp_path / "rois.csv")
     frame = pd.read_csv(path)
-    assert list(frame.columns) == ["name", "kind", "x", "y", "radius", "area", *GENES]
+    assert list(frame.columns) == [
+        "name",
+        "kind",
+        *("x_um", "y_um", "radius_um", "area_um2"),
+        *("x_px", "y_px", "radius_px", "area_px2"),
+        *GENES,
+    ]
     assert list(frame["name"]) == ["tumour", "stroma", "edge"]
-    assert frame["radius"].iloc[0] == 40 and frame["radius"].iloc[1:].isna().all()
+    assert frame["radius_px"].iloc[0] == 40 and frame["radius_px"].iloc[1:].isna().all()
+    # the circle at (600, 500) px, r 40 px; the rectangle's centroid (300, 125) px, 200 x 50 px
+    expected_um = [600 * mpp, 500 * mpp, 40 * mpp]
+    assert frame.loc[0, ["x_um", "y_um", "radius_um"]].tolist() == pytest.approx(expected_um, rel=1e-5)  # 6 digits
+    assert frame.loc[1, ["x_px", "y_px", "area_px2"]].tolist() == pytest.approx([300, 125, 10_000], rel=1e-5)
+    assert frame.loc[1, "area_um2"] == pytest.approx(10_000 * mpp**2, rel=1e-5)
     np.testing.assert_allclose(frame[GENES], table.X, rtol=1e-5)
     assert not list(tmp_path.glob(".*"))  # no temporary file left behind
 
@@ -162,6 +177,7 @@ def test_h5ad_round_trip(rois_and_table, tmp_path):
     _, table = rois_and_table
     back = ad.read_h5ad(R.write_h5ad(table, tmp_path / "rois.h5ad"))
     assert list(back.obs_names) == list(table.obs_names)
+    assert {"x_um", "radius_um", "area_um2", "x_px", "radius_px", "area_px2", "geometry_wkt_px"} <= set(back.obs)
     np.testing.assert_array_equal(back.X, table.X)
     np.testing.assert_array_equal(back.layers["integral"], table.layers["integral"])
     assert back.uns["genemap"]["protocol"]["log"] == "log10"
@@ -224,3 +240,40 @@ def test_exports_refuse_rois_without_expression(rois_and_table):
     extra = R.rois_from_shapes([R.ellipse_corners(50, 50, 5)], ["ellipse"], ["new"])
     with pytest.raises(GenemapInputError, match="no expression for ROI 'new'"):
         R.roi_table(pd.concat([rois, extra]), table, 0.5)
+
+
+def test_a_stores_saved_expression_is_found_by_roi_name(rois_and_table, sample_slide, tmp_path):
+    rois, table = rois_and_table
+    table.uns["genemap"]["model"] = "her2st-model"
+    back = read_slide(R.write_spatialdata(rois, table, sample_slide, tmp_path / "with_rois.zarr"))
+    saved = R.saved_expression(back)
+    assert saved.genes == GENES and list(saved.rows) == ["tumour", "stroma", "edge"]
+    np.testing.assert_array_equal(saved.rows["stroma"][0], table.X[1])
+    np.testing.assert_array_equal(saved.rows["edge"][1], table.layers["integral"][2])
+    assert saved.note() == (
+        "showing the saved expression from with_rois.zarr (model her2st-model); a running model recomputes it"
+    )
+    assert R.saved_expression(sample_slide) is None  # no ROIs saved
+
+
+def test_history_steps_back_through_distinct_states():
+    circle = R.ellipse_corners(600, 500, 40)
+    empty = R.RoiState.of([], [], [])
+    one = R.RoiState.of([circle], ["ellipse"], ["ROI 1"])
+    two = R.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "ROI 2"])
+    renamed = R.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "edge"])
+    history = R.RoiHistory()
+    for state in (empty, one, one, two, renamed):
+        history.record(state)
+    assert len(history) == 4  # the repeated state is kept once
+    assert history.undo(renamed).same(two)
+    assert history.undo(two).same(one)
+    # a change that was never recorded (the present) is what the next undo takes back
+    moved = R.RoiState.of([circle + 5], ["ellipse"], ["ROI 1"])
+    assert history.undo(moved).same(one)
+    assert history.undo(one).same(empty)
+    assert history.undo(empty) is None
+    short = R.RoiHistory(limit=2)
+    for state in (empty, one, two):
+        short.record(state)
+    assert short.undo(two).same(one) and short.undo(one) is None

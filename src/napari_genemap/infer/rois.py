@@ -4,13 +4,18 @@ ROIs live in slide pixels (x = column, y = row) as a GeoDataFrame indexed by uni
 shapely Points with a ``radius`` column, polygons are Polygons, and ``kind`` says which. That is what the
 tile service aggregates (`aggregate.aggregate_shapes`) and what the exports write:
 
-- CSV: name, kind, x, y, radius (px, circles), area (px²), then one column per gene with the
-  protocol-normalised profile (as ``genemap aggregate`` writes);
+- CSV: name, kind, x_um, y_um, radius_um (circles), area_um2, then the same in slide pixels (x_px, y_px,
+  radius_px, area_px2), then one column per gene with the protocol-normalised profile: every column
+  says its unit, as the panel shows µm and the geometry lives in pixels;
 - .h5ad: the aggregation's AnnData (X protocol-normalised, ``layers["integral"]`` raw-scale) with the
-  ROI geometry as WKT in ``obs["geometry"]``;
+  same columns in ``obs`` and the ROI geometry as WKT in slide pixels in ``obs["geometry_wkt_px"]``;
 - SpatialData: shapes elements ``roi_circles`` (points + ``radius``) and ``roi_polygons`` (one element per
   geometry type, as spatialdata-plot and napari-spatialdata draw an element by its first geometry's type)
-  and a table ``roi_expression`` annotating both (``region``/``roi_id``), all in ``"global"``.
+  and a table ``roi_expression`` annotating both (``region``/``roi_id``), all in ``"global"``; the geometry
+  stays in slide pixels (the canonical form), the table's ``obs`` is the .h5ad's.
+
+A store reopened without a model still shows its saved table (`saved_expression`), and the panel's undo
+keeps snapshots of the ROIs (`RoiHistory`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -199,8 +205,9 @@ def _row(table, name: str) -> np.ndarray:
 
 # --- the export table ----------------------------------------------------------------------------------------
 def roi_table(rois: gpd.GeoDataFrame, table: ad.AnnData, slide_mpp: float) -> ad.AnnData:
-    """The aggregation ``table`` in the ROIs' order with what every export needs in ``obs``: kind, centre
-    (x, y), radius (circles) and area in slide pixels and µm, and the geometry as WKT (slide pixels)."""
+    """The aggregation ``table`` in the ROIs' order with what every export needs in ``obs``: kind, centre,
+    radius (circles) and area in µm and in slide pixels (`UNIT_COLUMNS`), and the geometry as WKT (slide
+    pixels); ``obsm["spatial"]`` is the centre in slide pixels."""
     import shapely
 
     names = [str(name) for name in rois.index]
@@ -208,39 +215,56 @@ def roi_table(rois: gpd.GeoDataFrame, table: ad.AnnData, slide_mpp: float) -> ad
     missing = [name for name in names if name not in table.obs_names]
     if missing:
         raise GenemapInputError(f"no expression for ROI {missing[0]!r}: aggregate it first")
+    if not (np.isfinite(slide_mpp) and slide_mpp > 0):
+        raise GenemapInputError(f"slide µm per pixel {slide_mpp}: expected a positive number")
     out = table[names].copy()
+    geometry = rois.geometry.values
     radius = _radii(rois)
-    is_circle = np.asarray(shapely.get_type_id(rois.geometry.values) == 0)
-    area = np.where(is_circle, np.pi * radius**2, shapely.area(rois.geometry.values))
-    x = np.where(is_circle, shapely.get_x(rois.geometry.values), shapely.get_x(shapely.centroid(rois.geometry.values)))
-    y = np.where(is_circle, shapely.get_y(rois.geometry.values), shapely.get_y(shapely.centroid(rois.geometry.values)))
+    is_circle = np.asarray(shapely.get_type_id(geometry) == 0)
+    area = np.where(is_circle, np.pi * radius**2, shapely.area(geometry))
+    x = np.where(is_circle, shapely.get_x(geometry), shapely.get_x(shapely.centroid(geometry)))
+    y = np.where(is_circle, shapely.get_y(geometry), shapely.get_y(shapely.centroid(geometry)))
+    radius = np.where(is_circle, radius, np.nan)
     out.obs = pd.DataFrame(
         {
             "kind": np.where(is_circle, "circle", "polygon"),
-            "x": x,
-            "y": y,
-            "radius": np.where(is_circle, radius, np.nan),
-            "radius_um": np.where(is_circle, radius * slide_mpp, np.nan),
-            "area": area,
+            "x_um": x * slide_mpp,
+            "y_um": y * slide_mpp,
+            "radius_um": radius * slide_mpp,
             "area_um2": area * slide_mpp**2,
-            "geometry": shapely.to_wkt(rois.geometry.values, rounding_precision=-1),
+            "x_px": x,
+            "y_px": y,
+            "radius_px": radius,
+            "area_px2": area,
+            "geometry_wkt_px": shapely.to_wkt(geometry, rounding_precision=-1),
         },
         index=pd.Index(names, name="roi"),
     )
     out.obsm["spatial"] = np.column_stack([x, y])
-    out.uns["genemap"] = {**dict(out.uns.get("genemap") or {}), "slide_mpp": float(slide_mpp)}
+    out.uns["genemap"] = {
+        **dict(out.uns.get("genemap") or {}),
+        "slide_mpp": float(slide_mpp),
+        "coordinates": "obs *_um: µm; obs *_px, geometry_wkt_px and obsm['spatial']: slide pixels (x = column)",
+    }
     return out
 
 
+#: the geometry columns of `roi_table` and the CSV, units in their names (µm first, as the panel shows)
+UNIT_COLUMNS = ("x_um", "y_um", "radius_um", "area_um2", "x_px", "y_px", "radius_px", "area_px2")
+
+
 def roi_frame(table: ad.AnnData) -> pd.DataFrame:
-    """What the CSV holds: name, kind, x, y, radius (px), area (px²), then one column per gene (X)."""
+    """What the CSV holds: name, kind, the `UNIT_COLUMNS`, then one column per gene (X)."""
+    missing = [column for column in ("kind", *UNIT_COLUMNS) if column not in table.obs]
+    if missing:
+        raise GenemapInputError(f"the ROI table has no {missing[0]!r} column (make it with roi_table)")
     values = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
     frame = pd.DataFrame(values, columns=table.var_names.astype(str), index=range(table.n_obs))
     head = pd.DataFrame(
         {
             "name": table.obs_names.astype(str),
             "kind": table.obs["kind"].astype(str).to_numpy(),
-            **{column: table.obs[column].to_numpy(float) for column in ("x", "y", "radius", "area")},
+            **{column: table.obs[column].to_numpy(float) for column in UNIT_COLUMNS},
         }
     )
     return pd.concat([head, frame], axis=1)
@@ -458,6 +482,95 @@ def roi_layer_style(sdata: sd.SpatialData | None = None) -> dict:
         "edge_color": "yellow",
         "face_color": [1.0, 1.0, 0.0, 0.08],
         "edge_width": max(2.0, side / 500),
-        "text": {"string": "{name}", "color": "yellow", "size": 10, "anchor": "upper_left"},
+        # the name above each ROI, as large as the table's text and in the outline's colour
+        "text": {"string": "{name}", "color": "yellow", "size": 12, "anchor": "upper_left"},
         "feature_defaults": {"name": ""},
     }
+
+
+# --- a store's saved expression ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SavedExpression:
+    """The ROI table a store holds, by ROI name: shown when no model is running to recompute it."""
+
+    genes: list[str]
+    rows: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (X row, integral row)
+    uns: dict
+    source: str  # the store
+    model: str  # which model computed it, in words
+
+    def note(self) -> str:
+        """The status line saying where the values come from."""
+        return (
+            f"showing the saved expression from {Path(self.source).name} ({self.model}); a running model recomputes it"
+        )
+
+
+def saved_expression(sdata: sd.SpatialData) -> SavedExpression | None:
+    """The `roi_expression` table of a slide that holds ROIs (as `write_spatialdata` saves it), or None."""
+    rois, table = read_rois(sdata)
+    if rois is None or table is None or table.n_obs == 0:
+        return None
+    values = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+    values = np.asarray(values, dtype=np.float32)
+    integral = (
+        np.asarray(table.layers["integral"], np.float32) if "integral" in table.layers else np.full_like(values, np.nan)
+    )
+    uns = dict(table.uns.get("genemap") or {})
+    if uns.get("model"):
+        model = f"model {uns['model']}"
+    elif uns.get("model_sha256"):
+        model = f"model sha256 {str(uns['model_sha256'])[:12]}"
+    else:
+        model = "model not recorded"
+    rows = {str(name): (values[i], integral[i]) for i, name in enumerate(table.obs_names)}
+    source = str(sdata.path) if sdata.path is not None else "the slide"
+    return SavedExpression([str(g) for g in table.var_names], rows, uns, source, model)
+
+
+# --- undo ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class RoiState:
+    """The ROIs as the shapes layer holds them: vertices ((row, column), slide pixels), shape types, names."""
+
+    data: tuple[np.ndarray, ...]
+    types: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, data: Sequence[np.ndarray], types: Sequence[str], names: Sequence[str]) -> RoiState:
+        return cls(tuple(np.array(v, dtype=np.float64) for v in data), tuple(map(str, types)), tuple(map(str, names)))
+
+    def same(self, other: RoiState) -> bool:
+        return (
+            self.types == other.types
+            and self.names == other.names
+            and all(a.shape == b.shape and np.array_equal(a, b) for a, b in zip(self.data, other.data))
+        )
+
+
+class RoiHistory:
+    """Snapshots of the ROIs after each add, delete, move or rename (the last is the present); undo steps back."""
+
+    def __init__(self, limit: int = 200):
+        self.limit = limit
+        self._states: list[RoiState] = []
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def record(self, state: RoiState) -> None:
+        """Remember ``state`` when it differs from the last one (re-sent events add nothing)."""
+        if self._states and self._states[-1].same(state):
+            return
+        self._states.append(state)
+        del self._states[: -self.limit]
+
+    def undo(self, present: RoiState) -> RoiState | None:
+        """The state before ``present`` (which is recorded first, so an unrecorded change is undone too),
+        or None when there is nothing to go back to."""
+        self.record(present)
+        if len(self._states) < 2:
+            return None
+        self._states.pop()
+        return self._states[-1]

@@ -4,6 +4,10 @@ A thin view over `infer.rois`: ROIs are the shapes of a "ROIs" shapes layer in s
 on the H&E). Each ROI's profile is computed once by the session's tile service (never in the GUI thread)
 and kept by its geometry, so adding one circle aggregates that circle only; moving or reshaping an ROI
 computes it again. Requests are debounced and one is in flight at a time.
+
+The ROI layer stays above the layers added after it (gene maps would hide it), Ctrl+Z or "Undo" steps
+back through its adds, deletes, moves and renames, and a store reopened without a model shows the
+expression saved with its ROIs until a model recomputes it.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from qtpy.QtCore import QAbstractTableModel, QItemSelection, QItemSelectionModel, QModelIndex, Qt, QTimer
+from qtpy.QtGui import QAction, QKeySequence
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QMenu,
     QPushButton,
     QTableView,
     QVBoxLayout,
@@ -110,11 +116,21 @@ class SpotsWidget(QWidget):
         self._in_flight: list[tuple] | None = None  # keys of the request the service is working on
         self._request = 0
         self._again = False  # shapes changed while a request was in flight
+        self._saved: core.SavedExpression | None = None  # what the ROI layer's store holds
+        self._saved_rows: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # geometry key -> saved rows
+        self._history = core.RoiHistory()
+        self._restoring = False  # an undo is rewriting the layer: its events are not new history
+        self._raising = False  # moving the ROI layers up (re-entrancy guard)
 
         self._timer = QTimer(self)
         self._timer.setSingleShot(True)
         self._timer.setInterval(DEBOUNCE_MS)
         self._timer.timeout.connect(self._aggregate)
+        # after the insertion has finished (napari's own handlers still expect the new layer's index)
+        self._tidy_timer = QTimer(self)
+        self._tidy_timer.setSingleShot(True)
+        self._tidy_timer.setInterval(0)
+        self._tidy_timer.timeout.connect(self._tidy_layers)
 
         self.radius = QDoubleSpinBox()
         self.radius.setRange(1.0, 10_000.0)
@@ -130,6 +146,15 @@ class SpotsWidget(QWidget):
         ellipse.clicked.connect(lambda: self._draw("add_ellipse"))
         polygon = QPushButton("Draw polygon")
         polygon.clicked.connect(lambda: self._draw("add_polygon"))
+        self.undo_action = QAction("Undo", self)
+        self.undo_action.setShortcut(QKeySequence(QKeySequence.StandardKey.Undo))
+        self.undo_action.setShortcutContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
+        self.undo_action.setToolTip("Undo the last ROI add, delete, move or rename (Ctrl+Z)")
+        self.undo_action.triggered.connect(lambda _=False: self.undo())
+        self.addAction(self.undo_action)  # Ctrl+Z while the panel has the focus
+        undo = QPushButton("Undo")
+        undo.setToolTip(self.undo_action.toolTip())
+        undo.clicked.connect(self.undo_action.trigger)
 
         self.model = RoiTableModel(self._rename)
         self.table = QTableView()
@@ -151,20 +176,29 @@ class SpotsWidget(QWidget):
         self.canvas.setMinimumHeight(220)
 
         buttons = QHBoxLayout()
-        for text, slot in (("CSV…", self.export_csv), ("AnnData…", self.export_h5ad), ("SpatialData…", None)):
+        for text, slot in (("CSV…", self.export_csv), ("AnnData…", self.export_h5ad)):
             button = QPushButton(text)
-            if slot is None:
-                button.setToolTip("Into the slide's store when it was opened from one, else a new .zarr store")
-                button.clicked.connect(lambda: self.export_spatialdata())
-            else:
-                button.clicked.connect(lambda _=False, slot=slot: slot())
+            button.clicked.connect(lambda _=False, slot=slot: slot())
             buttons.addWidget(button)
+        # a store is a folder: a file dialog would open an existing one instead of choosing it
+        self.store_menu = QMenu(self)
+        self.into_slide_store = self.store_menu.addAction("Into the slide's store")
+        self.into_slide_store.triggered.connect(lambda _=False: self.export_spatialdata(self._slide_store()))
+        self.store_menu.addAction("Into another existing store…").triggered.connect(
+            lambda _=False: self._export_into_existing_store()
+        )
+        self.store_menu.addAction("New store…").triggered.connect(lambda _=False: self._export_new_store())
+        self.store_menu.aboutToShow.connect(self._update_store_menu)
+        spatialdata = QPushButton("SpatialData…")
+        spatialdata.setToolTip("Save the ROIs and their table into a SpatialData store (slide pixels)")
+        spatialdata.setMenu(self.store_menu)
+        buttons.addWidget(spatialdata)
         self.message = wrapped_label()
 
         form = QFormLayout()
         form.addRow("Circle radius", self.radius)
         tools = QHBoxLayout()
-        for button in (self.click_mode, ellipse, polygon):
+        for button in (self.click_mode, ellipse, polygon, undo):
             tools.addWidget(button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -178,13 +212,20 @@ class SpotsWidget(QWidget):
         self.viewer.mouse_drag_callbacks.append(self._click_callback)
         self._layer_removed = _weak(self, "_on_layer_removed")
         self.viewer.layers.events.removed.connect(self._layer_removed)
+        self._layer_inserted = _weak(self, "_on_layer_inserted")
+        self.viewer.layers.events.inserted.connect(self._layer_inserted)
         self.session.slide_changed.connect(self._on_slide_changed)
         self.session.model_changed.connect(self._on_model_changed)
         self.session.ready.connect(self._on_ready)
         self.session.error.connect(self._on_error)
-        self.destroyed.connect(_cleanup(self.viewer, self._click_callback, self._layer_removed, self._slots()))
+        layer_events = [
+            (self.viewer.layers.events.removed, self._layer_removed),
+            (self.viewer.layers.events.inserted, self._layer_inserted),
+        ]
+        self.destroyed.connect(_cleanup(self.viewer, self._click_callback, layer_events, self._slots()))
         self._adopt_layer()
         self._refresh()
+        self._tidy_layers()
 
     # --- public API ----------------------------------------------------------------------------------------
     def add_circle(self, x_um: float, y_um: float, radius_um: float) -> str:
@@ -235,7 +276,7 @@ class SpotsWidget(QWidget):
         entries = [entry for entry in self._entries() if entry["kind"] is not None]
         if not entries:
             raise GenemapInputError("there are no circles or polygons to export; draw some first")
-        waiting = [entry["name"] for entry in entries if entry["key"] not in self._results]
+        waiting = [entry["name"] for entry in entries if self._row(entry["key"]) is None]
         if waiting:
             raise GenemapInputError(f"expression of {len(waiting)} ROIs (e.g. {waiting[0]!r}) is still being computed")
         gdf = core.rois_from_shapes(
@@ -247,24 +288,43 @@ class SpotsWidget(QWidget):
         """The aggregated ROIs (all with a result, or ``names``) as an AnnData named by ROI."""
         import anndata as ad
 
-        entries = {entry["name"]: entry for entry in self._entries() if entry["key"] in self._results}
+        known = {entry["name"]: self._row(entry["key"]) for entry in self._entries()}
+        entries = {name: row for name, row in known.items() if row is not None}
         names = list(entries) if names is None else names
         missing = [name for name in names if name not in entries]
         if missing:
             raise GenemapInputError(f"no expression for ROI {missing[0]!r} yet")
-        rows = [self._results[entries[name]["key"]] for name in names]
-        width = len(self._genes)
+        rows = [entries[name] for name in names]
+        genes = self._shown_genes()
+        width = len(genes)
         table = ad.AnnData(
             X=np.vstack([row[0] for row in rows]) if rows else np.zeros((0, width), np.float32),
             obs=pd.DataFrame(index=pd.Index(names, name="roi", dtype=object)),
-            var=pd.DataFrame(index=pd.Index(self._genes, name="gene")),
+            var=pd.DataFrame(index=pd.Index(genes, name="gene")),
             layers={"integral": np.vstack([row[1] for row in rows]) if rows else np.zeros((0, width), np.float32)},
         )
-        table.uns["genemap"] = dict(self._uns)
+        if self._genes:  # the running model's values: say which model, for whoever reopens the export
+            table.uns["genemap"] = {**self._uns, "model": Path(self.session.checkpoint).name}
+        else:
+            table.uns["genemap"] = dict(self._saved.uns) if self._saved is not None else {}
         return table
 
+    def undo(self) -> bool:
+        """Put the ROIs back as they were before the last add, delete, move or rename; False when none."""
+        if self.layer is None or self.layer not in self.viewer.layers:
+            self._say("nothing to undo")
+            return False
+        state = self._history.undo(self._state())
+        if state is None:
+            self._say("nothing to undo")
+            return False
+        self._restore(state)
+        self._say("")
+        return True
+
     def export_csv(self, path: str | Path | None = None) -> Path | None:
-        """CSV of name, kind, x, y, radius, area and the genes; a file dialog when no path is given."""
+        """CSV of name, kind, centre, radius and area in µm and in slide pixels (units in the column names),
+        then the genes; a file dialog when no path is given."""
         return self._export(lambda _rois, table, target: core.write_csv(table, target), path, "CSV (*.csv)", ".csv")
 
     def export_h5ad(self, path: str | Path | None = None) -> Path | None:
@@ -273,7 +333,8 @@ class SpotsWidget(QWidget):
         )
 
     def export_spatialdata(self, path: str | Path | None = None) -> Path | None:
-        """Into the slide's own store when it was opened from one (no path needed), else into a new store."""
+        """Into the store at ``path`` (an existing one gets the ROI elements, a new one the slide too); without
+        a path, into the slide's own store when it was opened from one, else a new store chosen in a dialog."""
         store = self._slide_store()
         if path is None and store is not None:
             path = store
@@ -292,7 +353,7 @@ class SpotsWidget(QWidget):
                 if not path:
                     return None
             path = Path(path)
-            if path.suffix != suffix:
+            if path.suffix != suffix and not (suffix == ".zarr" and _is_store(path)):
                 raise GenemapInputError(f"{path}: expected a name ending in {suffix}")
             written = write(gdf, table, path)
         except GenemapInputError as error:
@@ -300,6 +361,33 @@ class SpotsWidget(QWidget):
             return None
         self._say(f"wrote {len(gdf)} ROIs to {written}")
         return Path(written)
+
+    def _update_store_menu(self) -> None:
+        store = self._slide_store()
+        self.into_slide_store.setEnabled(store is not None)
+        self.into_slide_store.setText(
+            f"Into the slide's store ({store.name})" if store is not None else "Into the slide's store (none)"
+        )
+
+    def _export_into_existing_store(self) -> Path | None:
+        """A folder chooser: a store is a folder, which a save dialog would open instead of choosing."""
+        start = self._slide_store()
+        folder = QFileDialog.getExistingDirectory(
+            self, "Save the ROIs into an existing SpatialData store", str(start.parent) if start else ""
+        )
+        if not folder:
+            return None
+        if not _is_store(Path(folder)):
+            self._say(f"{folder}: not a SpatialData store; choose a .zarr store folder, or New store…")
+            return None
+        return self.export_spatialdata(folder)
+
+    def _export_new_store(self) -> Path | None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save the ROIs in a new SpatialData store", "rois.zarr")
+        if not path:
+            return None
+        path = Path(path)
+        return self.export_spatialdata(path if path.suffix == ".zarr" else path.with_name(f"{path.name}.zarr"))
 
     def _slide_store(self) -> Path | None:
         from ..io.store import is_zarr_store
@@ -328,16 +416,14 @@ class SpotsWidget(QWidget):
             raise GenemapInputError("open a slide first (File > Open, or the sample)")
         return slide_mpp(slide)
 
-    def _adopt_layer(self) -> None:
-        """Use the viewer's "ROIs" shapes layer, or make one when a slide is open."""
+    def _adopt_layer(self, create: bool = True) -> None:
+        """Use the viewer's ROI shapes layer, or (``create``) make one when a slide is open."""
         from napari.layers import Shapes
 
-        existing = [
-            layer for layer in self.viewer.layers if isinstance(layer, Shapes) and layer.name == core.ROI_LAYER_NAME
-        ]
+        existing = [layer for layer in self.viewer.layers if isinstance(layer, Shapes) and _is_roi_layer(layer)]
         if existing:
             self._attach(existing[0])
-        elif self._slide() is not None:
+        elif create and self._slide() is not None:
             self._ensure_layer()
 
     def _ensure_layer(self):
@@ -364,6 +450,8 @@ class SpotsWidget(QWidget):
         return layer
 
     def _attach(self, layer) -> None:
+        if layer is self.layer:
+            return
         if "name" not in layer.features:
             features = layer.features.copy()
             features["name"] = ""
@@ -371,18 +459,89 @@ class SpotsWidget(QWidget):
         _unnamed_by_default(layer)
         self.layer = layer
         layer.events.data.connect(_weak(self, "_on_data"))
+        # on the layer, not the viewer: Ctrl+Z on the canvas while the ROIs are the active layer
+        layer.bind_key("Control-Z", _layer_undo(self), overwrite=True)
         self._name_shapes()
+        self._history = core.RoiHistory()
+        self._history.record(self._state())
+        self._load_saved(layer)
+
+    def _load_saved(self, layer) -> None:
+        """The expression saved with the layer's ROIs in its store, by geometry (shown until recomputed)."""
+        sdata = layer.metadata.get("sdata")
+        self._saved = core.saved_expression(sdata) if sdata is not None else None
+        self._saved_rows = {}
+        if self._saved is None:
+            return
+        for entry in self._entries():
+            row = self._saved.rows.get(entry["name"])
+            if row is not None and entry["kind"] is not None:
+                self._saved_rows[entry["key"]] = row
+        if self._saved_rows:
+            self._refresh()
+            self._say(self._saved.note())
+
+    def _drop_saved(self) -> None:
+        self._saved, self._saved_rows = None, {}
 
     def _on_layer_removed(self, event) -> None:
         if event.value is self.layer:
             self.layer = None
+            self._drop_saved()
             self._refresh()
 
+    def _on_layer_inserted(self, _event) -> None:
+        if not self._raising:
+            self._tidy_timer.start()
+
+    def _tidy_layers(self) -> None:
+        """Adopt an ROI layer when there is none, and keep the ROI layers above all others."""
+        from napari.layers import Shapes
+
+        layers = self.viewer.layers
+        if self.layer is None or self.layer not in layers:
+            self._adopt_layer(create=False)  # a store's saved ROIs just opened
+            self._refresh()
+        rois = [
+            layer for layer in layers if layer is self.layer or (isinstance(layer, Shapes) and _is_roi_layer(layer))
+        ]
+        top = list(range(len(layers) - len(rois), len(layers)))
+        if not rois or [layers.index(layer) for layer in rois] == top or self._raising:
+            return
+        self._raising = True
+        active = layers.selection.active
+        try:
+            for layer in rois:  # each to the top, in their order
+                layers.move(layers.index(layer), len(layers))
+        finally:
+            self._raising = False
+        if active is not None and active in layers:
+            layers.selection.active = active
+
     def _on_data(self, event) -> None:
-        if str(event.action) not in ("added", "changed", "removed"):
+        if str(event.action) not in ("added", "changed", "removed") or self._restoring:
             return
         if str(event.action) == "added":
             self._name_shapes()
+        self._history.record(self._state())
+        self._refresh()
+        self._timer.start()
+
+    def _state(self) -> core.RoiState:
+        return core.RoiState.of(self.layer.data, self.layer.shape_type, self.names())
+
+    def _restore(self, state: core.RoiState) -> None:
+        """Make the layer hold ``state`` (one undo step); its events are not recorded as new history."""
+        layer = self.layer
+        self._restoring = True
+        try:
+            if len(layer.data):
+                layer.remove(list(range(len(layer.data))))
+            if state.data:
+                layer.add([np.array(vertices) for vertices in state.data], shape_type=list(state.types))
+            self._set_names(list(state.names))
+        finally:
+            self._restoring = False
         self._refresh()
         self._timer.start()
 
@@ -421,6 +580,7 @@ class SpotsWidget(QWidget):
             return False
         names[row] = name
         self._set_names(names)
+        self._history.record(self._state())
         self._refresh()
         self._say("")
         return True
@@ -491,7 +651,10 @@ class SpotsWidget(QWidget):
         if not entries:
             return
         if self.session.service is None:
-            self._say("choose a slide and model (Slide & model) to compute the ROIs' expression")
+            if self._saved is not None and all(entry["key"] in self._saved_rows for entry in entries):
+                self._say(self._saved.note())
+            else:
+                self._say("choose a slide and model (Slide & model) to compute the ROIs' expression")
             return
         entries, gdf = self._valid(entries)
         if not entries:
@@ -552,6 +715,8 @@ class SpotsWidget(QWidget):
         self._refresh()
 
     def _on_slide_changed(self, sdata) -> None:
+        if self._saved is not None and not _same_store(sdata, self._saved.source):
+            self._drop_saved()  # values of another slide
         self._forget()
         if self.layer is not None and self.layer in self.viewer.layers:
             from ..io import slide_mpp
@@ -580,11 +745,11 @@ class SpotsWidget(QWidget):
     def _refresh(self) -> None:
         entries = self._entries()
         mpp = self._mpp() if self.layer is not None else 1.0
-        genes = self._genes
+        genes = self._shown_genes()
         values = np.full((len(entries), len(genes)), np.nan)
         sizes = []
         for row, entry in enumerate(entries):
-            result = self._results.get(entry["key"])
+            result = self._row(entry["key"])
             if result is not None:
                 values[row] = result[0]
             sizes.append(_size_text(entry, mpp))
@@ -592,6 +757,19 @@ class SpotsWidget(QWidget):
         self._selected_names = self.selected() or self._selected_names
         self.model.update([e["name"] for e in entries], kinds, sizes, genes, values)
         self._update_plot()
+
+    def _shown_genes(self) -> list[str]:
+        """The running model's genes once it has answered, else those of the saved table."""
+        if self._genes or self._saved is None or not self._saved_rows:
+            return self._genes
+        return self._saved.genes
+
+    def _row(self, key: tuple) -> tuple[np.ndarray, np.ndarray] | None:
+        """An ROI's (X, integral): the running model's, else the store's saved one (for the same genes)."""
+        row = self._results.get(key)
+        if row is None and self._saved is not None and self._shown_genes() == self._saved.genes:
+            row = self._saved_rows.get(key)
+        return row
 
     def _restore_selection(self) -> None:
         names = [name for name in self._selected_names if name in self.model.names]
@@ -662,6 +840,34 @@ def _size_text(entry: dict, mpp: float) -> str:
     return "no area"
 
 
+def _is_roi_layer(layer) -> bool:
+    """A shapes layer of ROIs: this panel's, or one the reader made from a store's saved ROIs."""
+    return layer.name == core.ROI_LAYER_NAME or layer.metadata.get("genemap", {}).get("element") == core.ROI_LAYER_NAME
+
+
+def _is_store(path: Path) -> bool:
+    from ..io.store import is_zarr_store
+
+    return is_zarr_store(path)
+
+
+def _same_store(sdata, source: str) -> bool:
+    path = getattr(sdata, "path", None)
+    return path is not None and Path(path).resolve() == Path(source).resolve()
+
+
+def _layer_undo(widget):
+    """A layer key binding that undoes in ``widget`` while it lives."""
+    reference = weakref.ref(widget)
+
+    def undo(_layer):
+        target = reference()
+        if target is not None:
+            target.undo()
+
+    return undo
+
+
 def _unnamed_by_default(layer) -> None:
     """New shapes get an empty name, which `SpotsWidget._name_shapes` replaces with the next "ROI n"."""
     defaults = layer.feature_defaults.copy()
@@ -703,14 +909,15 @@ def _click_adder(widget):
     return on_mouse
 
 
-def _cleanup(viewer, click_callback, layer_removed, slots):
+def _cleanup(viewer, click_callback, layer_events, slots):
     """What to undo when the widget is destroyed (holds no reference to the widget itself)."""
     slots = [(signal, weakref.WeakMethod(slot)) for signal, slot in slots]
 
     def undo(*_):
         if click_callback in viewer.mouse_drag_callbacks:
             viewer.mouse_drag_callbacks.remove(click_callback)
-        viewer.layers.events.removed.disconnect(layer_removed)
+        for emitter, callback in layer_events:
+            emitter.disconnect(callback)
         for signal, slot in slots:
             method = slot()
             if method is not None:
