@@ -18,9 +18,15 @@ def main() -> None:
     viewer = napari.Viewer()
     session_for(viewer).ready.connect(announce_ready)  # the widgets below share this session
     viewer.open_sample("napari-genemap", "her2st_b4_crop")
-    for widget in ("Slide & model", "Gene maps", "Spots (ROIs)", "Training"):
-        viewer.window.add_plugin_dock_widget("napari-genemap", widget)
+    dock_panels(viewer)
     napari.run()
+
+
+def dock_panels(viewer) -> None:
+    """Four panels in two groups, so they fit a 1080p screen: Gene maps in front of Slide & model and
+    Training (tabs) above, Spots below. A tab group shows the tab added last."""
+    for widget, tabify in (("Slide & model", False), ("Training", True), ("Gene maps", True), ("Spots (ROIs)", False)):
+        viewer.window.add_plugin_dock_widget("napari-genemap", widget, tabify=tabify)
 
 
 if __name__ == "__main__":

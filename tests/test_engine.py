@@ -199,3 +199,25 @@ def test_polygons_and_circles_from_the_engine(engine, sample_slide):
     np.testing.assert_allclose(polygon, circle, rtol=1e-3)  # the 1024-gon is 1e-5 short of the disk's area
     np.testing.assert_allclose(table.obsm["spatial"][1], center)
     assert table.uns["genemap"]["protocol"]["name"] == "test"
+
+
+def test_the_tissue_mask_calls_tinted_glass_glass_and_pale_tissue_tissue(her2st, sample_slide):
+    """C3's glass around the section is eosin-tinted (a fixed colour rule called 30% of the slide tissue,
+    painting the map over glass); the sample is tissue edge to edge, pale stroma included."""
+    from napari_genemap.errors import GenemapDataWarning
+    from napari_genemap.infer.engine import tissue_mask
+    from napari_genemap.io import image_levels, read_slide, slide_mpp
+
+    with pytest.warns(GenemapDataWarning, match="dropped 2 spots"):  # two C3 spots have no counts
+        c3 = read_slide(her2st, section="C3")
+    mask, scale = tissue_mask(*image_levels(c3), slide_mpp(c3))
+    assert scale * slide_mpp(c3) >= 4.0 and 0.15 < mask.mean() < 0.25
+    levels, scales = image_levels(c3)
+    pixels = np.asarray(levels[scales.index(scale)]).astype(np.int16)
+    from scipy import ndimage
+
+    far_from_dark = ndimage.distance_transform_edt(pixels.mean(0) > 200) * scale * slide_mpp(c3) > 150  # µm
+    tinted_glass = (pixels.mean(0) > 215) & ((pixels.max(0) - pixels.min(0)) > 20) & far_from_dark
+    assert tinted_glass.mean() > 0.05 and mask[tinted_glass].mean() < 0.3  # the colour rule alone: 1.0
+    sample_mask, _ = tissue_mask(*image_levels(sample_slide), slide_mpp(sample_slide))
+    assert sample_mask.mean() > 0.97
