@@ -107,14 +107,11 @@ def test_a_bad_checkpoint_is_reported_in_one_line(viewer_with_sample, tmp_path):
 
 @pytest.fixture
 def ready_panels(viewer_with_sample, qtbot):
-    """The sample with the Slide & model and Gene maps panels docked and the shipped model ready."""
-    from napari_genemap.widgets.gene_maps import GeneMapsWidget
-    from napari_genemap.widgets.slide_model import SlideModelWidget
-
+    """The sample with the Slide & model and Gene maps panels docked as napari docks them (through the
+    plugin menu, so the panels get napari's proxy of the viewer) and the shipped model ready."""
     viewer = viewer_with_sample
-    slide_widget, maps = SlideModelWidget(viewer), GeneMapsWidget(viewer)
-    viewer.window.add_dock_widget(slide_widget)
-    viewer.window.add_dock_widget(maps)
+    _, slide_widget = viewer.window.add_plugin_dock_widget("napari-genemap", "Slide & model")
+    _, maps = viewer.window.add_plugin_dock_widget("napari-genemap", "Gene maps")
     qtbot.waitUntil(lambda: slide_widget.session.cache is not None, timeout=180_000)
     return viewer, slide_widget, maps
 
@@ -139,6 +136,7 @@ def test_cached_maps_get_contrast_from_what_is_visible_and_keep_a_users_own(read
 
     second = maps.add_gene("MUCL1")
     qtbot.wait(300)
+    assert second.colorbar.visible and not first.colorbar.visible  # one colour bar: the active map's
     assert second.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, second), rel=0.02)
     assert second.contrast_limits[1] < 0.5  # not the placeholder 0-1
 
@@ -147,8 +145,8 @@ def test_cached_maps_get_contrast_from_what_is_visible_and_keep_a_users_own(read
     assert again.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, again), rel=0.02)
 
     # the view moves to a smaller region: the limits follow what is visible there
-    viewer.camera.zoom *= 4
-    viewer.camera.center = (0, 200, 200)
+    viewer.scene.camera.zoom *= 4
+    viewer.scene.camera.center = (0, 200, 200)
     qtbot.wait(600)
     assert again.contrast_limits[1] == pytest.approx(_percentile_in_view(maps, again), rel=0.11)
 
@@ -285,3 +283,39 @@ def test_open_slide_reads_in_the_background_with_a_busy_bar(viewer_with_sample, 
     assert "notes.jpg" in widget.slide_info.text() and "\n" not in widget.slide_info.text()
     qtbot.waitUntil(lambda: widget.reading.isHidden(), timeout=10_000)
     widget.session.close()
+
+
+def test_on_a_section_the_pearson_shows_while_tiles_arrive(make_napari_viewer, qtbot, her2st, monkeypatch, tmp_path):
+    """A full section predicts for minutes; the Pearson must show "k of n spots" meanwhile (a reply that
+    came while tiles arrived used to be dropped as stale, forever)."""
+    from napari_genemap.widgets.session import session_for
+
+    monkeypatch.setenv("GENEMAP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = make_napari_viewer(show=True)
+    _, slide_widget = viewer.window.add_plugin_dock_widget("napari-genemap", "Slide & model")
+    _, maps = viewer.window.add_plugin_dock_widget("napari-genemap", "Gene maps")
+    try:
+        with pytest.warns(UserWarning, match="dropped 2 spots"):
+            viewer.open(str(her2st / "images" / "C3.jpg"), plugin="napari-genemap")
+        qtbot.waitUntil(lambda: maps.session.cache is not None and maps.genes.count() == 785, timeout=180_000)
+        maps.add_gene("KRT8")
+        qtbot.waitUntil(lambda: "KRT8: Pearson" in maps.pcc_label.text(), timeout=180_000)
+        text = maps.pcc_label.text()
+        assert maps.queued > 0 and "(the rest are not predicted yet)" in text, (text, maps.status.text())
+        predicted, in_view = (int(v) for v in text.split(" over ")[1].split(" measured")[0].split(" of "))
+        assert 3 <= predicted < in_view
+        assert "This slide (C3) was in the model's training data" in text
+        assert maps.status.text().startswith("predicting: ") and " / 21 tiles of this view done" in maps.status.text()
+    finally:
+        session_for(viewer).close()
+
+
+def test_pause_is_acknowledged_at_once_and_the_map_can_be_smooth(ready_panels):
+    viewer, _, maps = ready_panels
+    layer = maps.add_gene("KRT8")
+    assert layer.interpolation2d == "nearest"
+    maps.smooth_box.setChecked(True)
+    assert layer.interpolation2d == "linear" and maps.add_gene("MUCL1").interpolation2d == "linear"
+    maps.pause_box.setChecked(True)  # before the service answers: the status says so now
+    assert maps.status.text().startswith("paused: the tile being predicted finishes")
+    assert viewer.canvas.overlays.scale_bar.visible

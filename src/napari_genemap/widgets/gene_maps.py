@@ -52,6 +52,7 @@ class GeneMapsWidget(QWidget):
         self.search.setPlaceholderText("search genes (Enter adds the top hit)")
         self.search_note = wrapped_label("")
         self.genes = QListWidget()
+        self.genes.setMinimumHeight(120)  # a few genes stay visible when the panel shares the dock
         self.add_button = QPushButton("Add gene map")
         self.remove_button = QPushButton("Remove")
         self.pause_box = QCheckBox("Pause prediction")
@@ -87,12 +88,12 @@ class GeneMapsWidget(QWidget):
         self.session.error.connect(lambda message: self.status.setText(f"error: {message}"))
         self.session.slide_changed.connect(self._on_slide_changed)
         self.session.model_changed.connect(self._on_model_changed)
-        self.viewer.camera.events.center.connect(self._view_changed)
-        self.viewer.camera.events.zoom.connect(self._view_changed)
+        self.viewer.scene.camera.events.center.connect(self._view_changed)
+        self.viewer.scene.camera.events.zoom.connect(self._view_changed)
         self.viewer.layers.events.inserted.connect(self._view_changed)
         self.viewer.layers.events.removed.connect(self._view_changed)
         self.viewer.layers.selection.events.active.connect(self._on_active_changed)
-        self.viewer.scale_bar.visible = True
+        self.viewer.canvas.overlays.scale_bar.visible = True
         if self.session.cache is not None:
             self._on_ready(self.session.cache)
 
@@ -400,8 +401,9 @@ class GeneMapsWidget(QWidget):
     def _on_active_changed(self, *_) -> None:
         active = self.active_gene_layer()
         for layer in self.gene_layers():
-            layer.colorbar.visible = layer is active  # one colour bar: several would overlap
-        overlay = self.viewer.text_overlay
+            # one colour bar (several would overlap); ==, not `is`: napari hands plugins proxies of its layers
+            layer.colorbar.visible = layer == active
+        overlay = self.viewer.canvas.overlays.text
         if active is not None:
             info = active.metadata["genemap"]
             overlay.text = self._overlay_text = f"{info['gene']} ({info['model']}): colour bar in {info['units']}"
@@ -420,9 +422,8 @@ class GeneMapsWidget(QWidget):
 
         pixel_um = cache.grid.map_pixel_size(0) * slide_mpp(self.session.slide)
         self.legend.setText(
-            f"Map (magma, colour bar): predicted expression per {pixel_um:.1f} µm map pixel, on the raw-count "
-            "scale; a spot's or circle's value is the map's integral over it. Measured spots (viridis): "
-            "ln(1 + counts per 10,000). The two colour scales are not the same: compare patterns, not colours."
+            f"Map (magma): predicted counts per {pixel_um:.0f} µm pixel. Measured spots (viridis): "
+            "ln(1 + counts per 10,000). Different scales: compare patterns, not colours."
         )
 
     # --- prediction vs measurement in view ---------------------------------------------------------------
@@ -457,6 +458,9 @@ class GeneMapsWidget(QWidget):
         shapes = gpd.GeoDataFrame(
             {"radius": radius}, geometry=shapely.points(points[inside][:, ::-1]), index=[str(n) for n in names]
         )
+        if not self.pcc_label.text().startswith(f"{gene}:"):  # never show another gene's number meanwhile
+            self.pcc = None
+            self.pcc_label.setText(f"{gene}: computing the Pearson over the {in_view} measured spots in view…")
         self._pcc_request = gene
         self.session.aggregate(
             shapes, lambda table, error: self._show_pcc(gene, in_view, table, error), only_cached=True
@@ -468,10 +472,13 @@ class GeneMapsWidget(QWidget):
 
         self._pcc_request = None
         active = self.active_gene_layer()
-        if self._pcc_stale or active is None or active.metadata["genemap"]["gene"] != gene:
+        if active is None or active.metadata["genemap"]["gene"] != gene:
             self._pcc_stale = False
             self._update_pcc()
             return
+        if self._pcc_stale:  # show this answer (while tiles keep arriving, every answer is a little stale),
+            self._pcc_stale = False  # then ask again
+            QTimer.singleShot(0, self._update_pcc)
         predicted_spots = 0 if table is None else table.n_obs
         if error is not None or predicted_spots < 3:
             self.pcc = None

@@ -128,8 +128,9 @@ class SlideModelWidget(QWidget):
         if not names:
             self.slide_info.setText("no slide open: File > Open, drag a slide here, or Open slide…")
             return
-        new = [i for i, layer in enumerate(layers) if id(layer) not in self._known_slides]
-        self._known_slides = {id(layer) for layer in layers}
+        # by the slide object: napari hands plugins a new proxy of a layer at every access
+        new = [i for i, layer in enumerate(layers) if id(layer.metadata["sdata"]) not in self._known_slides]
+        self._known_slides = {id(layer.metadata["sdata"]) for layer in layers}
         if new:  # the user just opened it: that is the slide they want to look at
             self.slides.setCurrentIndex(new[-1])
         else:

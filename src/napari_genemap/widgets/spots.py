@@ -450,7 +450,7 @@ class SpotsWidget(QWidget):
         return layer
 
     def _attach(self, layer) -> None:
-        if layer is self.layer:
+        if layer == self.layer:  # ==, not `is`: napari hands plugins proxies of its layers
             return
         if "name" not in layer.features:
             features = layer.features.copy()
@@ -485,7 +485,7 @@ class SpotsWidget(QWidget):
         self._saved, self._saved_rows = None, {}
 
     def _on_layer_removed(self, event) -> None:
-        if event.value is self.layer:
+        if event.value == self.layer:
             self.layer = None
             self._drop_saved()
             self._refresh()
@@ -503,7 +503,7 @@ class SpotsWidget(QWidget):
             self._adopt_layer(create=False)  # a store's saved ROIs just opened
             self._refresh()
         rois = [
-            layer for layer in layers if layer is self.layer or (isinstance(layer, Shapes) and _is_roi_layer(layer))
+            layer for layer in layers if layer == self.layer or (isinstance(layer, Shapes) and _is_roi_layer(layer))
         ]
         top = list(range(len(layers) - len(rois), len(layers)))
         if not rois or [layers.index(layer) for layer in rois] == top or self._raising:
@@ -612,7 +612,7 @@ class SpotsWidget(QWidget):
             return False
         layer = self.layer
         # the user is drawing or editing shapes with napari's own tools
-        return not (layer is not None and self.viewer.layers.selection.active is layer and layer.mode != "pan_zoom")
+        return not (layer is not None and self.viewer.layers.selection.active == layer and layer.mode != "pan_zoom")
 
     def _add_circle_at(self, world_position) -> None:
         try:
