@@ -74,6 +74,7 @@ class ModelOwner:
 
 
 GLASS_MARGIN = 12  # grey levels below the glass's brightness where tissue starts
+GLASS_FLOOR = 225  # glass is at least this bright: a crop without glass keeps its palest tissue (~210)
 CLOSING_UM = 50.0  # gaps in tissue narrower than this (pale stroma, fat) stay tissue
 MASK_MIN_UM = 4.0  # the mask's pixels are at least this large: fine enough for tiles and the 8 µm map
 
@@ -83,7 +84,8 @@ def tissue_mask(levels, scales: list[float], mpp: float, max_side: int = 2048) -
     pixels at least 4 µm).
 
     Tissue is darker than the slide's glass (its 95th-percentile grey level, so a pink-tinted slide is
-    measured against its own glass) and coloured (max - min channel > 20) or dark (mean < 160); specks go,
+    measured against its own glass; at least 225) and coloured (max - min channel > 20) or dark (mean
+    < 160); specks go,
     and gaps up to 50 µm and enclosed holes are closed so pale tissue is not called glass. A fixed
     colour rule alone called eosin-tinted glass around sections tissue (a third of HER2ST C3)."""
     from scipy import ndimage
@@ -93,7 +95,7 @@ def tissue_mask(levels, scales: list[float], mpp: float, max_side: int = 2048) -
     index = (fine_enough or coarse_enough or [len(levels) - 1])[0]
     pixels = np.asarray(levels[index]).astype(np.int16)
     grey = pixels.mean(0)
-    glass = np.percentile(grey, 95)
+    glass = max(float(np.percentile(grey, 95)), GLASS_FLOOR)
     tissue = (grey < glass - GLASS_MARGIN) & (((pixels.max(0) - pixels.min(0)) > 20) | (grey < 160))
     tissue = ndimage.binary_opening(tissue)
     radius = max(1, round(CLOSING_UM / (scales[index] * mpp)))
