@@ -85,8 +85,8 @@ def tissue_mask(levels, scales: list[float], mpp: float, max_side: int = 2048) -
 
     Tissue is darker than the slide's glass (its 95th-percentile grey level, so a pink-tinted slide is
     measured against its own glass; at least 225) and coloured (max - min channel > 20) or dark (mean
-    < 160); specks go,
-    and gaps up to 50 µm and enclosed holes are closed so pale tissue is not called glass. A fixed
+    < 160); specks go, and gaps up to 50 µm and enclosed holes are closed so pale tissue is not called
+    glass. A fixed
     colour rule alone called eosin-tinted glass around sections tissue (a third of HER2ST C3)."""
     from scipy import ndimage
 
