@@ -119,3 +119,23 @@ def test_a_script_without_main_guard_starts_the_service(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == ["script body runs", "ready 785", "closed False"], result.stderr[-3000:]
+
+
+@pytest.mark.gui
+def test_the_four_panels_fit_a_1080p_screen(make_napari_viewer, monkeypatch, tmp_path):
+    """make napari's layout: the window's smallest height with the four panels docked fits 1920 x 1080
+    (the Training panel alone wanted 806 px, pushing the window to 1357 px)."""
+    import importlib.util
+
+    from napari_genemap.widgets.session import session_for
+
+    monkeypatch.setenv("GENEMAP_CACHE_DIR", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("example", ROOT / "examples" / "open_sample_in_napari.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    viewer = make_napari_viewer(show=True)
+    try:
+        example.dock_panels(viewer)
+        assert viewer.window._qt_window.minimumSizeHint().height() <= 1080 - 60  # room for a taskbar
+    finally:
+        session_for(viewer).close()

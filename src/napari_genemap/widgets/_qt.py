@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QApplication, QLabel
+from qtpy.QtWidgets import QApplication, QFrame, QLabel, QScrollArea, QVBoxLayout, QWidget
 
 from .session import Session, session_for
 
@@ -26,3 +26,17 @@ def wrapped_label(text: str = "") -> QLabel:
     label = QLabel(text)
     label.setWordWrap(True)
     return label
+
+
+def scrolled_layout(widget: QWidget) -> QVBoxLayout:
+    """A vertical layout for ``widget``'s contents inside a scroll area: a tall panel then scrolls instead
+    of forcing its dock (and the tabs sharing it) taller than a 1080p screen."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    inner = QWidget()
+    area.setWidget(inner)
+    outer.addWidget(area)
+    return QVBoxLayout(inner)

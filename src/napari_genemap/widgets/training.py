@@ -44,6 +44,7 @@ from ..train.progress import (
     slide_name,
     write_config,
 )
+from ._qt import scrolled_layout
 from .session import session_for
 
 NO_VALIDATION = "(none: keep the latest)"
@@ -66,7 +67,7 @@ class TrainingWidget(QWidget):
         self._cancelled = False
         self._setting_widgets: dict[str, QWidget] = {}
 
-        layout = QVBoxLayout(self)
+        layout = scrolled_layout(self)
         self.stage_box = QComboBox()
         for stage in STAGES:
             self.stage_box.addItem(stage.label, stage.command)
