@@ -38,7 +38,7 @@ side = int(sys.argv[2])
 if side:
     from napari_genemap.checkpoints import shipped_checkpoint
     from napari_genemap.infer.engine import TileEngine
-    from napari_genemap.train.checkpoint import load_checkpoint
+    from napari_genemap.models.checkpoint import load_checkpoint
     engine = TileEngine(load_checkpoint(shipped_checkpoint()), sdata, tempfile.mkdtemp())
     pixel = engine.grid.map_pixel_size(0)
     i0 = j0 = int(10000 / pixel)  # the region starts 10,000 slide px into the slide

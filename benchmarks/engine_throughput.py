@@ -57,8 +57,8 @@ def main() -> None:
     from napari_genemap.infer.aggregate import GeneMapSource, aggregate_circles
     from napari_genemap.infer.engine import TileEngine
     from napari_genemap.io import read_slide, slide_mpp
+    from napari_genemap.models.checkpoint import load_checkpoint
     from napari_genemap.models.crop import CropRegressor
-    from napari_genemap.train.checkpoint import load_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -83,10 +83,10 @@ def main() -> int:
     from napari_genemap.device import resolve_device
     from napari_genemap.evaluate.metrics import summarise_unit
     from napari_genemap.infer.aggregate import predict_measured_spots
-    from napari_genemap.infer.spots import predict_spots
     from napari_genemap.io import read_slide
+    from napari_genemap.models.checkpoint import load_checkpoint
+    from napari_genemap.models.predict import predict_spots
     from napari_genemap.train.baselines import RidgeBaseline, predict_crop_regressor, timed, train_crop_regressor
-    from napari_genemap.train.checkpoint import load_checkpoint
     from napari_genemap.train.pixnet import TrainConfig, train_pixnet
 
     device = resolve_device(args.device)

@@ -40,8 +40,8 @@ def main() -> None:
     from napari_genemap.infer.predict import EngineSpec
     from napari_genemap.infer.service import TileService
     from napari_genemap.io import image_levels, slide_mpp
+    from napari_genemap.models.checkpoint import load_checkpoint
     from napari_genemap.sample import SECTION, read_sample, sample_root
-    from napari_genemap.train.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         cache_root = args.cache or scratch

@@ -30,7 +30,7 @@ def main() -> None:
     from napari_genemap.checkpoints import shipped_checkpoint
     from napari_genemap.infer.engine import TileEngine
     from napari_genemap.io import read_slide
-    from napari_genemap.train.checkpoint import load_checkpoint
+    from napari_genemap.models.checkpoint import load_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

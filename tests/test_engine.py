@@ -12,9 +12,9 @@ from napari_genemap.infer.cache import GeneMapCache, any_downsample
 from napari_genemap.infer.engine import TileEngine, map_tissue, mean_downsample
 from napari_genemap.infer.grid import TileGrid
 from napari_genemap.infer.lazy import gene_pyramid, level_array
+from napari_genemap.models.checkpoint import GeneMapModel
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
-from napari_genemap.train.checkpoint import GeneMapModel
 
 
 def small_model(stride: int = 16, seed: int = 0, digest: str = "a" * 64) -> GeneMapModel:

@@ -17,10 +17,10 @@ import torch
 
 from napari_genemap.cli import main
 from napari_genemap.data.protocols import Protocol
+from napari_genemap.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
 from napari_genemap.sample import read_sample, sample_root
-from napari_genemap.train.checkpoint import load_checkpoint, save_checkpoint
 
 IMAGE = sample_root() / "images" / "B4_crop.jpg"  # found with its spots by the HER2ST reader
 

@@ -6,7 +6,7 @@ import json
 
 from napari_genemap.checkpoints import shipped_checkpoint
 from napari_genemap.data.protocols import hist2st
-from napari_genemap.train.checkpoint import load_checkpoint
+from napari_genemap.models.checkpoint import load_checkpoint
 
 
 def test_shipped_checkpoint_is_fp16_safetensors_under_25_mb():

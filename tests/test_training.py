@@ -11,9 +11,9 @@ import torch
 from napari_genemap.data.protocols import hist2st
 from napari_genemap.data.windows import WindowSampler, crop, load_training_slide, spots_inside
 from napari_genemap.errors import GenemapInputError
+from napari_genemap.models.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
-from napari_genemap.train.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 
 MPP = 4.0  # the 2048 px crop at 0.6875 µm/px becomes 352 px: small enough for CPU tests
 
@@ -130,7 +130,7 @@ def _protocol(n):
 
 def test_a_short_training_run_on_real_spots_improves_the_loss(tmp_path, training_slide):
     """Ten steps on the bundled crop: the checkpoint reloads, and predictions follow training."""
-    from napari_genemap.infer.spots import predict_spots
+    from napari_genemap.models.predict import predict_spots
     from napari_genemap.train.pixnet import TrainConfig, train_pixnet
 
     config = TrainConfig(
@@ -174,7 +174,7 @@ def test_training_can_be_cancelled(tmp_path, training_slide):
 
 
 def test_train_config_errors(tmp_path):
-    from napari_genemap.train.pixnet import TrainConfig
+    from napari_genemap.train.config import TrainConfig
 
     path = tmp_path / "run.toml"
     path.write_text('out = "ckpt"\nslides = [{path = "data"}]\nwindw = 256\n')
@@ -209,7 +209,7 @@ def test_genemap_train_cli_streams_json_lines(tmp_path, capsys):
 
 
 def test_predict_map_pads_to_a_multiple_of_32_by_reflection():
-    from napari_genemap.infer.window import predict_map
+    from napari_genemap.models.predict import predict_map
 
     model = _small_model(n_genes=3)
     rng = np.random.default_rng(0)

@@ -53,8 +53,8 @@ def test_service_predicts_what_is_wanted_and_aggregates(sample_slide, tmp_path):
     from napari_genemap.infer.engine import TileEngine
     from napari_genemap.infer.predict import EngineSpec
     from napari_genemap.infer.service import TileService
+    from napari_genemap.models.checkpoint import load_checkpoint
     from napari_genemap.sample import SECTION, sample_root
-    from napari_genemap.train.checkpoint import load_checkpoint
 
     spec = EngineSpec(
         slide=str(sample_root()), section=SECTION, checkpoint=str(shipped_checkpoint()), cache_root=str(tmp_path)
@@ -118,9 +118,9 @@ def small_checkpoint(tmp_path_factory):
     import torch
 
     from napari_genemap.data.protocols import Protocol
+    from napari_genemap.models.checkpoint import save_checkpoint
     from napari_genemap.models.encoders import EncoderConfig
     from napari_genemap.models.pixnet import PixNet, PixNetConfig
-    from napari_genemap.train.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     genes = ("g0", "g1", "g2")
@@ -213,7 +213,7 @@ def test_cached_level_hides_glass_and_shows_tissue(c3, small_checkpoint, tmp_pat
     from napari_genemap.infer.cache import any_downsample
     from napari_genemap.infer.engine import TileEngine
     from napari_genemap.io import image_levels
-    from napari_genemap.train.checkpoint import load_checkpoint
+    from napari_genemap.models.checkpoint import load_checkpoint
 
     model = load_checkpoint(small_checkpoint)
     engine = TileEngine(model, c3, tmp_path / "masked", tile=512, halo=64)

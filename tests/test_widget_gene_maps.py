@@ -23,8 +23,8 @@ def viewer_with_sample(make_napari_viewer, monkeypatch, tmp_path):
 def test_gene_layer_fills_the_view_with_the_engines_values(viewer_with_sample, qtbot, tmp_path):
     from napari_genemap.checkpoints import shipped_checkpoint
     from napari_genemap.infer.engine import TileEngine
+    from napari_genemap.models.checkpoint import load_checkpoint
     from napari_genemap.sample import read_sample
-    from napari_genemap.train.checkpoint import load_checkpoint
     from napari_genemap.widgets.gene_maps import GeneMapsWidget
     from napari_genemap.widgets.slide_model import SlideModelWidget
 

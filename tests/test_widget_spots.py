@@ -27,7 +27,7 @@ def engine_expression(cache_root, circle_xy, radius, polygon):
     from napari_genemap.checkpoints import shipped_checkpoint
     from napari_genemap.infer.aggregate import GeneMapSource, aggregate_circles, aggregate_polygons
     from napari_genemap.infer.engine import TileEngine
-    from napari_genemap.train.checkpoint import load_checkpoint
+    from napari_genemap.models.checkpoint import load_checkpoint
 
     sample = read_sample()
     engine = TileEngine(load_checkpoint(shipped_checkpoint()), sample, cache_root)

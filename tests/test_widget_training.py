@@ -13,7 +13,7 @@ import pytest
 
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.sample import SECTION, sample_root
-from napari_genemap.train.progress import PIXNET, STAGES, TrainingHistory, check_output, stage_named
+from napari_genemap.train.stages import PIXNET, STAGES, TrainingHistory, check_output, stage_named
 
 
 def test_history_reads_json_lines_in_any_pieces():
@@ -33,7 +33,7 @@ def test_history_reads_json_lines_in_any_pieces():
 
 
 def test_the_pixnet_stage_builds_a_config_the_trainer_reads(tmp_path, her2st):
-    from napari_genemap.train.pixnet import TrainConfig
+    from napari_genemap.train.config import TrainConfig
 
     assert stage_named("pixnet") is PIXNET and STAGES[0] is PIXNET
     slides = [{"path": str(sample_root()), "section": SECTION}, {"path": str(her2st), "section": "C2"}]
@@ -67,9 +67,9 @@ def test_the_pixnet_stage_builds_a_config_the_trainer_reads(tmp_path, her2st):
 
 def test_output_folder_rules(tmp_path):
     from napari_genemap.data.protocols import hist2st
+    from napari_genemap.models.checkpoint import save_checkpoint
     from napari_genemap.models.encoders import EncoderConfig
     from napari_genemap.models.pixnet import PixNet, PixNetConfig
-    from napari_genemap.train.checkpoint import save_checkpoint
 
     assert check_output(tmp_path / "new", 10) == 0
     (tmp_path / "full").mkdir()
@@ -123,7 +123,7 @@ def _renamed_section(folder, name):
 
 @pytest.mark.gui
 def test_starting_cancelling_and_resuming_a_short_training_run(make_napari_viewer, qtbot, tmp_path, sample_copy):
-    from napari_genemap.train.checkpoint import load_checkpoint
+    from napari_genemap.models.checkpoint import load_checkpoint
     from napari_genemap.widgets.session import session_for
     from napari_genemap.widgets.training import TrainingWidget
 

@@ -69,9 +69,11 @@ def cmd_train(args) -> int:
 
     from tqdm import tqdm
 
-    from .train.pixnet import TrainConfig, train_pixnet
+    from .train.stages import stage_named, stage_runner
 
-    config = TrainConfig.from_file(args.config)
+    stage = stage_named(args.model)
+    config_class, run = stage_runner(stage)
+    config = config_class.from_file(args.config)
     if args.out:
         config.out = args.out
     if args.resume:
@@ -84,7 +86,7 @@ def cmd_train(args) -> int:
     def emit(event: dict) -> None:  # machine-readable progress for the napari training panel and pipelines
         print(json.dumps(event), flush=True)
 
-    bar = None if args.jsonl else tqdm(total=config.steps, desc="training PixNet", unit="step")
+    bar = None if args.jsonl else tqdm(total=config.steps, desc=f"training {stage.label}", unit="step")
 
     def progress(done: int, total: int, message: str) -> None:
         if bar is not None:
@@ -98,7 +100,7 @@ def cmd_train(args) -> int:
             bar.write(_validation_line(record))
 
     try:
-        summary = train_pixnet(config, progress=progress, on_metrics=on_metrics, cancel=lambda: bool(stop))
+        summary = run(config, progress=progress, on_metrics=on_metrics, cancel=lambda: bool(stop))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -119,7 +121,7 @@ def cmd_predict(args) -> int:
 
     from .checkpoints import shipped_checkpoint
     from .infer.predict import EngineSpec, predict_slide
-    from .train.checkpoint import read_checkpoint_config
+    from .models.checkpoint import read_checkpoint_config
 
     checkpoint = Path(args.model) if args.model else shipped_checkpoint()
     read_checkpoint_config(checkpoint)  # a bad checkpoint fails here, before any slide is read
@@ -210,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--per-gene", help="write per-gene correlations to this CSV")
     evaluate.set_defaults(run=cmd_evaluate)
 
+    from .train.stages import STAGES  # torch-free; the stages registered so far
+
     train = sub.add_parser("train", help="train a model on slides with measured spots")
-    train.add_argument("model", choices=["pixnet"], help="which model to train")
+    train.add_argument("model", choices=[s.command for s in STAGES], help="which model to train")
     train.add_argument("--config", required=True, help="a .toml or .json training config (see examples/)")
     train.add_argument("--out", help="checkpoint folder (overrides the config's 'out')")
     train.add_argument("--jsonl", action="store_true", help="print progress as JSON lines on stdout")

@@ -55,10 +55,10 @@ def predict_sample_spots(sdata, checkpoint) -> dict:
     import torch
 
     from .data.windows import slide_image_at
-    from .infer.window import predict_map
     from .io import slide_mpp, spot_geometry
     from .models.aggregation import aggregate_disks
-    from .train.checkpoint import load_checkpoint
+    from .models.checkpoint import load_checkpoint
+    from .models.predict import predict_map
 
     loaded = load_checkpoint(checkpoint)
     image = slide_image_at(sdata, loaded.mpp)

@@ -7,5 +7,5 @@ DEFAULT = "pixnet-her2st"
 
 
 def shipped_checkpoint(name: str = DEFAULT) -> Path:
-    """The folder of a shipped checkpoint, to pass to `napari_genemap.train.checkpoint.load_checkpoint`."""
+    """The folder of a shipped checkpoint, to pass to `napari_genemap.models.checkpoint.load_checkpoint`."""
     return Path(str(files("napari_genemap.checkpoints").joinpath(name)))

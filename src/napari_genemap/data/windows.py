@@ -114,6 +114,8 @@ class WindowSampler:
 
     def window(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, TrainingSlide, np.ndarray]:
         """One window (3, S, S) with its spots' centres, radii and indices into its slide."""
+        from ..models.predict import to_input
+
         slide_index, spot = self._choices[self.rng.integers(len(self._choices))]
         slide = self.slides[slide_index]
         size = self.size
@@ -124,7 +126,7 @@ class WindowSampler:
         window = crop(slide.image, x0, y0, size)
         members = spots_inside(slide.centers, slide.radii, x0, y0, size)
         centers = slide.centers[members] - (x0, y0)
-        window = window.transpose(2, 0, 1).astype(np.float32) / 255
+        window = to_input(window)[0].numpy()
         if self.augment:
             window, centers = _augment(window, centers, size, self.rng)
             window = stain_jitter(window, self.rng)

@@ -46,6 +46,8 @@ class ModelOwner:
     def _serve(self) -> None:
         import torch
 
+        from ..models.predict import to_input
+
         while True:
             item = self._requests.get()
             if item is None:
@@ -56,7 +58,7 @@ class ModelOwner:
             started = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    pixels = torch.from_numpy(windows).to(self.device).permute(0, 3, 1, 2).float() / 255
+                    pixels = to_input(windows, self.device)
                     if self.device.type == "cuda":
                         with torch.autocast("cuda", dtype=torch.float16):
                             out = self.model(pixels)

@@ -39,7 +39,7 @@ class EngineSpec:
 
     def build(self):
         from ..io import read_slide
-        from ..train.checkpoint import load_checkpoint
+        from ..models.checkpoint import load_checkpoint
         from .engine import TileEngine
 
         sdata = read_slide(self.slide, section=self.section, mpp=self.mpp)

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import GenemapInputError
 from .encoders import Encoder, EncoderConfig
+from .registry import INPUT_MULTIPLE
 
 DECODER_WIDTHS = (160, 128, 64, 48, 32)  # bottleneck at /32, then the stages at /16, /8, /4, /2
 
@@ -164,7 +165,8 @@ class DecoderStage(nn.Module):
 class PixNet(nn.Module):
     """RGB window in [0, 1] (batch, 3, H, W), H and W multiples of 32 -> density (batch, genes, H/s, W/s)."""
 
-    input_multiple = 32
+    config_class = PixNetConfig
+    input_multiple = INPUT_MULTIPLE
 
     def __init__(self, config: PixNetConfig, load_encoder_weights: bool = True):
         super().__init__()
@@ -186,6 +188,11 @@ class PixNet(nn.Module):
             for index in range(n_stages)
         )
         self.head = nn.Conv2d(DECODER_WIDTHS[n_stages], config.n_genes, 1)
+
+    @classmethod
+    def from_config(cls, config: PixNetConfig) -> PixNet:
+        """The architecture with random weights and nothing downloaded (a checkpoint brings the weights)."""
+        return cls(config, load_encoder_weights=False)
 
     @property
     def stride(self) -> int:

@@ -18,6 +18,7 @@ from ..data.windows import TrainingSlide, crop, stain_jitter
 from ..evaluate.metrics import summarise_unit
 from ..models.crop import CropRegressor, pooled_features
 from ..models.encoders import Encoder, EncoderConfig
+from ..models.predict import to_input
 from .losses import batch_pearson
 from .schedule import warmup_cosine
 
@@ -25,7 +26,7 @@ from .schedule import warmup_cosine
 def spot_crops(slide: TrainingSlide, size: int) -> np.ndarray:
     """(spots, 3, size, size) float32 in [0, 1], centred on each spot."""
     origins = np.floor(slide.centers - size / 2).astype(np.int64)
-    return np.stack([crop(slide.image, x, y, size).transpose(2, 0, 1) for x, y in origins]).astype(np.float32) / 255
+    return np.ascontiguousarray(to_input(np.stack([crop(slide.image, x, y, size) for x, y in origins])).numpy())
 
 
 def _dihedral(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -56,7 +56,7 @@ class Session:
         self.restart()
 
     def set_model(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
-        from ..train.checkpoint import read_checkpoint_config
+        from ..models.checkpoint import read_checkpoint_config
 
         read_checkpoint_config(checkpoint)  # a clear error now rather than in the service
         self.checkpoint, self.device = Path(checkpoint), device
@@ -97,7 +97,7 @@ class Session:
 
     def model_card(self) -> dict:
         """The checkpoint's config: genes, protocol, µm/px, training data, metrics."""
-        from ..train.checkpoint import read_checkpoint_config
+        from ..models.checkpoint import read_checkpoint_config
 
         return read_checkpoint_config(self.checkpoint)
 

@@ -4,7 +4,7 @@ The run is a ``genemap train STAGE --config FILE --jsonl`` process started with 
 never shares napari's process (torch stays out of it; see DESIGN.md) and the GUI never waits on it: its
 JSON lines arrive as Qt signals. Cancel sends SIGTERM; the run stops after its current step and keeps its
 last good checkpoint, which Resume continues. A finished run offers its checkpoint to the Slide & model
-widget (`Session.checkpoint_offered`). The stages come from `napari_genemap.train.progress.STAGES`: the
+widget (`Session.checkpoint_offered`). The stages come from `napari_genemap.train.stages.STAGES`: the
 stage box, the settings form and the command line are all built from it.
 """
 
@@ -33,7 +33,8 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import GenemapInputError
-from ..train.progress import (
+from ..train.config import slide_name
+from ..train.stages import (
     STAGES,
     Setting,
     TrainingHistory,
@@ -41,7 +42,6 @@ from ..train.progress import (
     check_output,
     check_slides,
     her2st_sections,
-    slide_name,
     write_config,
 )
 from ._qt import scrolled_layout

@@ -1,8 +1,10 @@
-"""What a training panel needs without Qt: the stages it offers, their config files, and their progress.
+"""The training stages, in one place: what the panel offers, what ``genemap train`` runs, and their progress.
 
 A training run happens in a ``genemap train STAGE --config FILE --jsonl`` subprocess. `TrainingStage`
-describes one stage (its settings with defaults, how they become a config file and a command line);
-`STAGES` lists them, and the napari panel is built from that list, so a new stage is one more entry.
+describes one stage (its settings, how they become a config file and a command line, the function that
+runs it and the model class it makes); `STAGES` lists them, and both the napari panel and the CLI are built
+from that list, so a new stage is one `register_stage` call. Settings take their defaults from the stage's
+config dataclass (`TrainConfig` for PixNet), never restated here.
 `TrainingHistory` turns the subprocess's JSON lines (whole or in pieces) into the curves the panel plots.
 Nothing here imports torch: the panel stays light and the run's errors come back on the process's stderr.
 """
@@ -14,10 +16,12 @@ import math
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import GenemapInputError
+from ..models.registry import INPUT_MULTIPLE, import_object
+from .config import TrainConfig, slide_name
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,26 @@ class Setting:
     tip: str = ""
 
 
+def defaults_of(config_class: type) -> dict:
+    """The defaults a config dataclass declares (fields without one are left out)."""
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+
+
 @dataclass(frozen=True)
 class TrainingStage:
-    """One model a panel can train: ``genemap train <command>`` with a config built from its settings."""
+    """One model a panel can train: ``genemap train <command>`` with a config built from its settings.
+
+    ``run`` and ``config_class`` are ``"package.module:name"`` paths, imported only when the stage runs:
+    ``run(config_class.from_file(path), progress=, on_metrics=, cancel=)`` returns the run's summary.
+    """
 
     command: str  # the `genemap train` subcommand
     label: str
     settings: tuple[Setting, ...]
     build: Callable[[list[dict], list[str], dict, str], dict]  # (slides, validation, settings, out) -> config
+    run: str  # the training function, e.g. "napari_genemap.train.pixnet:train_pixnet"
+    config_class: str  # the config dataclass with from_file, e.g. "napari_genemap.train.config:TrainConfig"
+    model_class: str  # the registered model class its checkpoints hold (`napari_genemap.models.registry`)
     description: str = ""
 
     def defaults(self) -> dict:
@@ -84,11 +100,6 @@ def _checked(setting: Setting, value):
     if setting.maximum is not None and value > setting.maximum:
         raise GenemapInputError(f"{setting.label}: {value}; expected at most {setting.maximum:g}")
     return value
-
-
-def slide_name(spec: dict) -> str:
-    """The name a run gives a slide (as `napari_genemap.train.pixnet.slide_name`, without importing torch)."""
-    return spec.get("name") or spec.get("section") or Path(spec["path"]).stem
 
 
 def check_slides(slides: list[dict], validation: list[str]) -> None:
@@ -132,8 +143,8 @@ def her2st_sections(folder: str | os.PathLike) -> list[str]:
 
 
 def _pixnet_config(slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
-    if settings["window"] % 32:
-        raise GenemapInputError(f"window {settings['window']}: expected a multiple of 32")
+    if settings["window"] % INPUT_MULTIPLE:
+        raise GenemapInputError(f"window {settings['window']}: expected a multiple of {INPUT_MULTIPLE}")
     return {
         "slides": [{k: v for k, v in s.items() if v is not None} for s in slides],
         "validation": list(validation),
@@ -142,26 +153,70 @@ def _pixnet_config(slides: list[dict], validation: list[str], settings: dict, ou
     }
 
 
+_PIXNET_DEFAULTS = defaults_of(TrainConfig)
+
 PIXNET = TrainingStage(
     command="pixnet",
     label="PixNet",
     description="dense gene maps from H&E, trained on measured spots",
     settings=(
-        Setting("steps", "steps", 400, minimum=1, maximum=10**7, tip="optimiser steps in the whole schedule"),
-        Setting("batch", "batch", 8, minimum=1, maximum=4096, tip="windows per step"),
-        Setting("window", "window (px)", 256, minimum=32, maximum=4096, tip="training window side, multiple of 32"),
-        Setting("lr", "learning rate", 5e-4, minimum=0.0, maximum=1.0),
-        Setting("mpp", "µm per pixel", 2.0, minimum=0.05, maximum=100.0, tip="the scale the model works at"),
-        Setting("eval_every", "validate every", 100, minimum=1, maximum=10**7, tip="steps between checkpoints"),
-        Setting("weights", "encoder start", "imagenet", choices=("imagenet", "random")),
-        Setting("device", "device", "auto", choices=("auto", "cpu", "cuda", "mps")),
-        Setting("seed", "seed", 0, minimum=0, maximum=2**31 - 1),
+        Setting(
+            "steps",
+            "steps",
+            _PIXNET_DEFAULTS["steps"],
+            minimum=1,
+            maximum=10**7,
+            tip="optimiser steps in the whole schedule",
+        ),
+        Setting("batch", "batch", _PIXNET_DEFAULTS["batch"], minimum=1, maximum=4096, tip="windows per step"),
+        Setting(
+            "window",
+            "window (px)",
+            _PIXNET_DEFAULTS["window"],
+            minimum=INPUT_MULTIPLE,
+            maximum=4096,
+            tip=f"training window side, multiple of {INPUT_MULTIPLE}",
+        ),
+        Setting("lr", "learning rate", _PIXNET_DEFAULTS["lr"], minimum=0.0, maximum=1.0),
+        Setting(
+            "mpp",
+            "µm per pixel",
+            _PIXNET_DEFAULTS["mpp"],
+            minimum=0.05,
+            maximum=100.0,
+            tip="the scale the model works at",
+        ),
+        Setting(
+            "eval_every",
+            "validate every",
+            _PIXNET_DEFAULTS["eval_every"],
+            minimum=1,
+            maximum=10**7,
+            tip="steps between checkpoints",
+        ),
+        Setting("weights", "encoder start", _PIXNET_DEFAULTS["weights"], choices=("imagenet", "random")),
+        Setting("device", "device", _PIXNET_DEFAULTS["device"], choices=("auto", "cpu", "cuda", "mps")),
+        Setting("seed", "seed", _PIXNET_DEFAULTS["seed"], minimum=0, maximum=2**31 - 1),
     ),
     build=_pixnet_config,
+    run="napari_genemap.train.pixnet:train_pixnet",
+    config_class="napari_genemap.train.config:TrainConfig",
+    model_class="PixNet",
 )
 
-# The stages a training panel offers, in order; DiffBulk's stages go here.
-STAGES: tuple[TrainingStage, ...] = (PIXNET,)
+# The stages a training panel and `genemap train` offer, in order: `register_stage` adds one (DiffBulk's).
+# A list changed in place, so every module that imported it sees a stage registered later.
+STAGES: list[TrainingStage] = [PIXNET]
+
+
+def register_stage(stage: TrainingStage) -> TrainingStage:
+    """Offer ``stage`` in the panel and the CLI (replacing a stage with the same command)."""
+    for index, known in enumerate(STAGES):
+        if known.command == stage.command:
+            STAGES[index] = stage
+            return stage
+    STAGES.append(stage)
+    return stage
 
 
 def stage_named(command: str) -> TrainingStage:
@@ -169,6 +224,11 @@ def stage_named(command: str) -> TrainingStage:
         if stage.command == command:
             return stage
     raise GenemapInputError(f"no training stage {command!r}; expected one of {[s.command for s in STAGES]}")
+
+
+def stage_runner(stage: TrainingStage) -> tuple[type, Callable[..., dict]]:
+    """The stage's config class and training function, imported now (torch comes with the function)."""
+    return import_object(stage.config_class), import_object(stage.run)
 
 
 def write_config(config: dict, folder: str | os.PathLike, name: str = "train") -> Path:
@@ -180,7 +240,7 @@ def write_config(config: dict, folder: str | os.PathLike, name: str = "train") -
 
 def checkpoint_step(folder: str | os.PathLike) -> int | None:
     """The step a checkpoint folder was saved at (None when there is none or it says none)."""
-    from .checkpoint import read_checkpoint_config
+    from ..models.checkpoint import read_checkpoint_config
 
     try:
         step = read_checkpoint_config(folder).get("metrics", {}).get("step")
@@ -195,7 +255,7 @@ def check_output(out: str | os.PathLike, steps: int, resume: bool = False) -> in
     A new run needs a new or empty folder: saving replaces the folder, so a checkpoint or other files in
     it would be lost. Resuming needs a checkpoint there that has steps left before ``steps``.
     """
-    from .checkpoint import read_checkpoint_config
+    from ..models.checkpoint import read_checkpoint_config
 
     path = Path(out)
     if resume:

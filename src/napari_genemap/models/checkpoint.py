@@ -1,6 +1,7 @@
 """Checkpoints: a folder with ``model.safetensors`` (weights only) and ``config.json`` (everything else).
 
-The JSON holds the architecture, the gene list, the protocol, the µm/px the model was trained at, the
+The JSON holds the model class (a name in `registry.MODELS`; absent in early checkpoints, which are
+PixNet), its architecture, the gene list, the protocol, the µm/px the model was trained at, the
 training window and the provenance of the training data, so a checkpoint rebuilds and explains itself.
 Loading never unpickles: safetensors holds tensors only. A checkpoint is written to a temporary sibling
 folder and renamed into place, so a reader never sees half of one.
@@ -19,11 +20,11 @@ from typing import TYPE_CHECKING
 
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
+from .registry import DEFAULT_MODEL, model_class, model_name
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
     import torch
-
-    from ..models.pixnet import PixNet
+    from torch import nn
 
 FORMAT = "napari-genemap/pixnet"
 FORMAT_VERSION = 1
@@ -33,9 +34,9 @@ CONFIG_FILE = "config.json"
 
 @dataclass
 class GeneMapModel:
-    """A loaded PixNet with what it takes to use it on a slide."""
+    """A loaded model (PixNet or another registered class) with what it takes to use it on a slide."""
 
-    model: PixNet
+    model: nn.Module
     protocol: Protocol
     mpp: float  # µm per input pixel the model was trained at
     window: int  # training window side in input pixels
@@ -55,7 +56,7 @@ class GeneMapModel:
 
 def save_checkpoint(
     target: str | os.PathLike,
-    model: PixNet,
+    model: nn.Module,
     *,
     protocol: Protocol,
     mpp: float,
@@ -79,6 +80,7 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
+        "model_class": model_name(type(model)),
         "architecture": model.config.to_dict(),
         "genes": list(protocol.genes),
         "protocol": protocol.to_dict(),
@@ -146,21 +148,22 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     for key in ("architecture", "genes", "protocol", "mpp", "window"):
         if key not in config:
             raise GenemapInputError(f"{config_path}: field {key!r} is missing")
+    if not isinstance(config.get("model_class", DEFAULT_MODEL), str):
+        raise GenemapInputError(f"{config_path}: field 'model_class' is {config['model_class']!r}; expected a name")
     return config
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GeneMapModel:
-    """Rebuild the model from its config and load the weights (safetensors only; cast to float32)."""
+    """Rebuild the model its config names and load the weights (safetensors only; cast to float32)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from ..models.pixnet import PixNet, PixNetConfig
 
     folder = _checkpoint_folder(Path(path))
     config = read_checkpoint_config(folder)
     config_path = folder / CONFIG_FILE
+    cls = model_class(config.get("model_class", DEFAULT_MODEL))
     try:
-        architecture = PixNetConfig.from_dict(config["architecture"])
+        architecture = cls.config_class.from_dict(config["architecture"])
         protocol = Protocol.from_dict(config["protocol"])
     except (TypeError, KeyError) as error:
         raise GenemapInputError(f"{config_path}: field 'architecture' or 'protocol' is malformed ({error})") from None
@@ -179,7 +182,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if head is None or head.shape[0] != len(genes):
         found = "no head" if head is None else f"a head for {head.shape[0]} genes"
         raise GenemapInputError(f"{weights_path}: holds {found}; {config_path} lists {len(genes)} genes")
-    model = PixNet(architecture, load_encoder_weights=False)
+    model = cls.from_config(architecture)
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

@@ -1,0 +1,48 @@
+"""Which model classes a checkpoint can name, by import path, so reading the registry never imports torch.
+
+A checkpoint's ``config.json`` records its ``model_class`` (a name here); `load_checkpoint` imports the class
+only when it builds one. A registered class provides ``config_class`` (with ``from_dict``, ``to_dict`` and
+``n_genes``), ``from_config(config)`` (random weights, nothing downloaded: the checkpoint brings them), its
+``config``, ``stride``, and a ``head`` layer with one output per gene. Register another with `register_model`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import GenemapInputError
+
+INPUT_MULTIPLE = 32  # a model's input sides are multiples of this: PixNet's deepest encoder stride
+
+DEFAULT_MODEL = "PixNet"  # what a checkpoint without "model_class" holds (those saved before the key)
+
+MODELS: dict[str, str] = {"PixNet": "napari_genemap.models.pixnet:PixNet"}
+
+
+def register_model(name: str, path: str) -> None:
+    """Make checkpoints naming ``name`` loadable; ``path`` is ``"package.module:Class"``."""
+    if ":" not in path:
+        raise ValueError(f"model path {path!r}: expected 'package.module:Class'")
+    MODELS[name] = path
+
+
+def import_object(path: str):
+    """The object a ``"package.module:attribute"`` path names (imported now, not before)."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def model_class(name: str) -> type:
+    """The class registered under ``name``; a one-line error for an unknown one."""
+    if name not in MODELS:
+        raise GenemapInputError(f"model class {name!r} is not registered; expected one of {sorted(MODELS)}")
+    return import_object(MODELS[name])
+
+
+def model_name(cls: type) -> str:
+    """The registered name of a model class (what a checkpoint records)."""
+    path = f"{cls.__module__}:{cls.__qualname__}"
+    for name, registered in MODELS.items():
+        if registered == path:
+            return name
+    raise GenemapInputError(f"model class {path} is not registered; call register_model(name, {path!r})")

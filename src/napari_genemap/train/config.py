@@ -1,0 +1,87 @@
+"""A training run's settings, readable without torch (the napari panel and the CLI's checks use it).
+
+`TrainConfig` is the one place its defaults live: a stage's settings (`stages.py`) read theirs from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from ..errors import GenemapInputError
+from ..models.registry import INPUT_MULTIPLE
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; readable from TOML or JSON (`from_file`)."""
+
+    slides: list[dict]  # each {"path": ..., "section": ... (optional), "name": ... (optional)}
+    out: str  # checkpoint folder
+    validation: list[str] = field(default_factory=list)  # slide names held out for checkpoint selection
+    protocol: str = "hist2st"
+    mpp: float = 2.0  # µm per input pixel the model works at
+    window: int = 256  # training window side, input pixels (multiple of 32)
+    batch: int = 8
+    steps: int = 400
+    lr: float = 5e-4
+    encoder_lr_factor: float = 0.3  # the pretrained encoder moves slower than the new decoder
+    weight_decay: float = 1e-4
+    raw_weight: float = 0.1
+    encoder: str = "tf_efficientnet_lite0"
+    weights: str = "imagenet"
+    stride: int = 4
+    eval_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    save_dtype: str = "float32"  # "float16" halves the shipped file
+    resume: str | None = None  # a checkpoint folder to continue from (its weights and step count)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise GenemapInputError(f"{source}: unknown field {unknown[0]!r}; expected one of {sorted(known)}")
+        for required in ("slides", "out"):
+            if required not in data:
+                raise GenemapInputError(f"{source}: field {required!r} is missing")
+        config = cls(**data)
+        config.check(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise GenemapInputError(f"{path}: no such training config")
+        try:
+            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+            raise GenemapInputError(f"{path}: cannot parse ({error})") from None
+        config = cls.from_dict(data, source=str(path))
+        base = path.parent  # relative slide and output paths are relative to the config file
+        config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
+        config.out = os.path.normpath(base / config.out)
+        if config.resume:
+            config.resume = os.path.normpath(base / config.resume)
+        return config
+
+    def check(self, source: str = "config") -> None:
+        if not self.slides or not all(isinstance(s, dict) and "path" in s for s in self.slides):
+            raise GenemapInputError(f"{source}: field 'slides' must list tables with a 'path'")
+        if self.window % INPUT_MULTIPLE:
+            raise GenemapInputError(f"{source}: window {self.window}: expected a multiple of {INPUT_MULTIPLE}")
+        if self.steps < 1 or self.batch < 1 or self.mpp <= 0:
+            raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
+        if self.save_dtype not in ("float32", "float16"):
+            raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
+
+
+def slide_name(spec: dict) -> str:
+    """The name a run gives a slide: its own, else its section, else its file's stem."""
+    return spec.get("name") or spec.get("section") or Path(spec["path"]).stem
