@@ -255,6 +255,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .log import configure_logging  # GENEMAP_LOG_LEVEL
+
+    configure_logging()
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("default", GenemapDataWarning)

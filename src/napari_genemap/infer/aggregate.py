@@ -37,9 +37,16 @@ class GeneMapSource:
     read_total: Callable[[int, int, int, int], np.ndarray] | None = None  # (1, rows, cols) when genes is a subset
 
     @classmethod
-    def from_engine(cls, engine, slide_mpp: float) -> GeneMapSource:
+    def from_engine(cls, engine, slide_mpp: float, cached_only: bool = False) -> GeneMapSource:
+        """A live engine's level 0. It predicts the tiles a read needs first, unless ``cached_only``: then
+        it reads the cache as it is (missing tiles read as the store's fill value, 0), for a caller that
+        has checked its ROIs' tiles are cached and must not wait for the model."""
+        if cached_only:
+            read = lambda i0, i1, j0, j1, genes: engine.cache.read(0, i0, i1, j0, j1, genes)  # noqa: E731
+        else:
+            read = lambda i0, i1, j0, j1, genes: engine.read(0, i0, i1, j0, j1, genes)  # noqa: E731
         return cls(
-            read=lambda i0, i1, j0, j1, genes: engine.read(0, i0, i1, j0, j1, genes),
+            read=read,
             shape=engine.level_shape(0),
             genes=list(engine.genes),
             pixel_size=engine.grid.map_pixel_size(0),

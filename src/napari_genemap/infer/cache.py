@@ -167,7 +167,7 @@ class GeneMapCache:
 
     def write(self, level: int, row: int, column: int, values: np.ndarray) -> None:
         """Write one tile (genes, h, w) of ``level`` (h, w cut at the map's edge), then mark it done."""
-        i0, j0 = row * self.grid.tile_map, column * self.grid.tile_map
+        i0, _, j0, _ = self.grid.map_box(row, column, level)
         height, width = values.shape[1:]
         self.arrays[level][:, i0 : i0 + height, j0 : j0 + width] = values.astype(DTYPE)
         self._marker(level, row, column).touch()
@@ -188,15 +188,11 @@ class GeneMapCache:
         return None if self._tissue is None else self._tissue[level]
 
     def tile_shape(self, level: int, row: int, column: int) -> tuple[int, int]:
-        height, width = self.grid.map_shape(level)
-        side = self.grid.tile_map
-        return min(side, height - row * side), min(side, width - column * side)
+        return self.grid.tile_shape(level, row, column)
 
     def tile_counts(self, level: int) -> tuple[int, int]:
         """(rows, columns) of tiles (= shards) in ``level``."""
-        height, width = self.grid.map_shape(level)
-        side = self.grid.tile_map
-        return -(-height // side), -(-width // side)
+        return self.grid.tile_counts(level)
 
 
 def any_downsample(mask: np.ndarray) -> np.ndarray:

@@ -9,6 +9,7 @@ mean of level L - 1, never the model run on downsampled H&E.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -25,6 +26,8 @@ from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
 Tile = tuple[int, int]
 Progress = Callable[[int, int, str], None]
+
+logger = logging.getLogger(__name__)
 
 
 class ModelOwner:
@@ -173,6 +176,10 @@ class TileEngine:
         self._pending: dict[tuple[int, int, int], Future] = {}
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genemap-read")
         self.stats = {"predicted": 0, "empty": 0, "downsampled": 0}
+        rows, columns = self.grid.tile_counts(0)
+        logger.info(
+            "engine: %d x %d tiles of %d model px (halo %d), cache %s", rows, columns, tile, halo, self.cache.path
+        )
 
     # --- public ------------------------------------------------------------------------------------------
     @property
@@ -206,11 +213,7 @@ class TileEngine:
         if level == 0:
             self._predict(missing, progress, cancel)
             return
-        rows, columns = self.cache.tile_counts(level - 1)
-        children = [
-            (2 * r + dr, 2 * c + dc) for r, c in missing for dr in (0, 1) for dc in (0, 1)
-            if 2 * r + dr < rows and 2 * c + dc < columns
-        ]  # fmt: skip
+        children = [child for tile in missing for child in self.grid.children(level, *tile)]
         self.ensure(level - 1, children, progress, cancel)
         for row, column in missing:
             self._downsample(level, row, column)
@@ -221,13 +224,8 @@ class TileEngine:
         return self.cache.read(level, i0, i1, j0, j1, genes)
 
     def grid_tiles(self, level: int, i0: int, i1: int, j0: int, j1: int) -> list[Tile]:
-        side = self.grid.tile_map
-        rows, columns = self.cache.tile_counts(level)
-        return [
-            (r, c)
-            for r in range(max(0, i0 // side), min(rows, -(-i1 // side)))
-            for c in range(max(0, j0 // side), min(columns, -(-j1 // side)))
-        ]
+        """Tiles of ``level`` holding a pixel of the region."""
+        return self.grid.tiles(level, (i0, i1, j0, j1))
 
     @property
     def owner(self) -> ModelOwner:
@@ -250,17 +248,19 @@ class TileEngine:
                 if self.has_tissue(*tile):
                     work.append(tile)
                 else:
-                    rows, cols = self.cache.tile_shape(0, *tile)
+                    rows, cols = self.grid.tile_shape(0, *tile)
                     self.cache.write(0, *tile, np.zeros((len(self.genes), rows, cols), np.float32))
                     self.stats["empty"] += 1
                     self._release(0, tile)
             done, total = len(mine) - len(work), len(mine)
+            logger.debug("level 0: %d tiles to compute, %d of them glass (zeros)", total, total - len(work))
             for batch, density in self._predict_batches(work, cancel):
                 for tile, values in zip(batch, density, strict=True):
                     self.cache.write(0, *tile, values)
                     self.stats["predicted"] += 1
                     self._release(0, tile)
                 done += len(batch)
+                logger.debug("predicted tiles %s (%d/%d)", batch, done, total)
                 if progress is not None:
                     progress(done, total, f"{done}/{total} tiles")
         except BaseException as error:
@@ -293,7 +293,7 @@ class TileEngine:
                     reads.append(self._readers.submit(self._windows, batches[index + 2]))
             values = []
             for tile, tile_density in zip(batch, density, strict=True):
-                rows, cols = self.cache.tile_shape(0, *tile)
+                rows, cols = self.grid.tile_shape(0, *tile)
                 values.append(tile_density[:, start : start + rows, start : start + cols])
             reads[index] = None  # free the windows
             yield batch, values
@@ -306,12 +306,13 @@ class TileEngine:
         mine, theirs = self._claim(level, [(row, column)])
         if mine:
             try:
-                side = self.grid.tile_map
-                height, width = self.grid.map_shape(level - 1)
-                i0, j0 = 2 * row * side, 2 * column * side
-                fine = self.cache.read(level - 1, i0, min(i0 + 2 * side, height), j0, min(j0 + 2 * side, width))
+                children = self.grid.children(level, row, column)  # row-major: first top-left, last bottom-right
+                i0, _, j0, _ = self.grid.map_box(*children[0], level - 1)
+                _, i1, _, j1 = self.grid.map_box(*children[-1], level - 1)
+                fine = self.cache.read(level - 1, i0, i1, j0, j1)
                 self.cache.write(level, row, column, mean_downsample(fine.astype(np.float32)))
                 self.stats["downsampled"] += 1
+                logger.debug("level %d tile (%d, %d) from %d finer tiles", level, row, column, len(children))
                 self._release(level, (row, column))
             except BaseException as error:
                 self._release(level, (row, column), error)

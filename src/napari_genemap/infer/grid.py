@@ -99,30 +99,67 @@ class TileGrid:
         side = self.tile + 2 * self.halo
         return y0, y0 + side, x0, x0 + side
 
-    def map_box(self, row: int, column: int) -> tuple[int, int, int, int]:
-        """(i0, i1, j0, j1) of the tile's pixels in map level 0, cut at the map's edge."""
-        self._check(row, column)
-        map_height, map_width = self.map_shape()
+    def map_box(self, row: int, column: int, level: int = 0) -> tuple[int, int, int, int]:
+        """(i0, i1, j0, j1) of the tile's pixels in map level ``level``, cut at the map's edge."""
+        self._check(row, column, level)
+        height, width = self.tile_shape(level, row, column)
         i0, j0 = row * self.tile_map, column * self.tile_map
-        return i0, min(i0 + self.tile_map, map_height), j0, min(j0 + self.tile_map, map_width)
+        return i0, i0 + height, j0, j0 + width
+
+    def tile_shape(self, level: int, row: int, column: int) -> tuple[int, int]:
+        """(rows, columns) of a tile's map pixels at ``level``: the side, less where the map's edge cuts it."""
+        height, width = self.map_shape(level)
+        side = self.tile_map
+        return min(side, height - row * side), min(side, width - column * side)
 
     def valid_in_output(self) -> tuple[int, int]:
         """(start, stop) of the tile's own pixels inside the model output of its window (map pixels)."""
         start = self.halo // self.stride
         return start, start + self.tile_map
 
-    # --- regions -----------------------------------------------------------------------------------------
-    def tiles_for_map_region(self, level: int, i0: int, i1: int, j0: int, j1: int) -> list[tuple[int, int]]:
-        """Tiles whose level-0 pixels feed map level ``level``'s pixels [i0, i1) x [j0, j1)."""
-        scale = 2**level
-        map_height, map_width = self.map_shape()
-        top, bottom = max(0, i0 * scale), min(map_height, i1 * scale)
-        left, right = max(0, j0 * scale), min(map_width, j1 * scale)
+    # --- tiles of a level ------------------------------------------------------------------------------
+    def tile_counts(self, level: int = 0) -> tuple[int, int]:
+        """(rows, columns) of tiles in map level ``level`` (every level's tiles are ``tile_map`` map pixels
+        wide, so a coarser level has about half as many per side)."""
+        height, width = self.map_shape(level)
+        side = self.tile_map
+        return -(-height // side), -(-width // side)
+
+    def tiles(self, level: int, box) -> list[tuple[int, int]]:
+        """Tiles of ``level`` (row-major) holding a map pixel of ``box`` = (i0, i1, j0, j1) in that level's
+        map pixels (half-open, may be fractional or reach past the map: clipped to it)."""
+        i0, i1, j0, j1 = box
+        height, width = self.map_shape(level)
+        top, bottom = max(0, math.floor(i0)), min(height, math.ceil(i1))
+        left, right = max(0, math.floor(j0)), min(width, math.ceil(j1))
         if bottom <= top or right <= left:
             return []
-        rows = range(top // self.tile_map, (bottom - 1) // self.tile_map + 1)
-        columns = range(left // self.tile_map, (right - 1) // self.tile_map + 1)
+        side = self.tile_map
+        rows = range(top // side, (bottom - 1) // side + 1)
+        columns = range(left // side, (right - 1) // side + 1)
         return [(r, c) for r in rows for c in columns]
+
+    def children(self, level: int, row: int, column: int) -> list[tuple[int, int]]:
+        """The tiles of level ``level - 1`` whose 2 x 2 means make a tile of ``level`` (row-major; fewer
+        than four at the map's edge)."""
+        if level < 1:
+            raise ValueError(f"level {level} has no finer level")
+        rows, columns = self.tile_counts(level - 1)
+        return [
+            (r, c)
+            for r in range(2 * row, min(rows, 2 * row + 2))
+            for c in range(2 * column, min(columns, 2 * column + 2))
+        ]
+
+    def leaves(self, level: int, row: int, column: int) -> list[tuple[int, int]]:
+        """The level-0 tiles (row-major) under a tile of ``level``: what the model must predict for it."""
+        rows, columns = self.tile_counts(0)
+        span = 2**level
+        return [
+            (r, c)
+            for r in range(row * span, min(rows, (row + 1) * span))
+            for c in range(column * span, min(columns, (column + 1) * span))
+        ]
 
     def map_pixel_size(self, level: int = 0) -> float:
         """Side of one map-level pixel in slide pixels (times the slide's µm/px for µm)."""
@@ -132,6 +169,7 @@ class TileGrid:
         """Slide-pixel coordinates or lengths in map-level pixels (pixel i covers [i, i + 1))."""
         return value / self.map_pixel_size(level)
 
-    def _check(self, row: int, column: int) -> None:
-        if not (0 <= row < self.rows and 0 <= column < self.columns):
-            raise IndexError(f"tile ({row}, {column}) outside the {self.rows} x {self.columns} grid")
+    def _check(self, row: int, column: int, level: int = 0) -> None:
+        rows, columns = self.tile_counts(level)
+        if not (0 <= row < rows and 0 <= column < columns):
+            raise IndexError(f"tile ({row}, {column}) outside level {level}'s {rows} x {columns} grid")

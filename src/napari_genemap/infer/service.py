@@ -16,14 +16,19 @@ The child is ``python -m napari_genemap.infer.service`` (`subprocess`), not a `m
 spawn re-imports the parent's ``__main__``, which re-runs any script without an ``if __name__ ==
 "__main__"`` guard (a second viewer, then a dead service). The two talk over a
 `multiprocessing.connection` socket (the parent listens; the address is on the child's command line,
-the authentication key on its stdin) in plain picklable tuples. The child ends itself when its parent
-goes away (the socket closes or it is re-parented), even in the middle of a model call, so a crashed or
-killed viewer leaves no orphan computing. This module imports neither torch nor Qt.
+the authentication key on its stdin) in the frozen dataclasses below (requests `Want`, `Pause`,
+`Aggregate`, `Stop`; events `Ready`, `TilesDone`, `Aggregated`, `Failed`), pickled: both ends import
+this module, so a field is read by name, never by position. `poll` hands callers a `ServiceEvent` (kind,
+payload dict) made from each event at the boundary. The child ends itself when its parent goes away
+(the socket closes or it is re-parented), even in the middle of a model call, so a crashed or killed
+viewer leaves no orphan computing. This module imports neither torch nor Qt. The child logs under
+"napari_genemap" (level from ``GENEMAP_LOG_LEVEL``) to its stderr, which is the viewer's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import socket
@@ -37,6 +42,7 @@ from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
+from typing import Any
 
 from ..errors import GenemapInputError
 from .predict import EngineSpec
@@ -47,13 +53,112 @@ CHILD_MODULE = "napari_genemap.infer.service"
 PARENT_CHECK_S = 0.5  # how often the child checks that its parent is still there
 TIMING_WINDOW = 8  # model calls the time estimate averages over
 
+logger = logging.getLogger(__name__)
+
+
+# --- messages: requests (viewer -> service) ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """The first message: what to build, with how many torch threads."""
+
+    spec: EngineSpec
+    threads: int
+
+
+@dataclass(frozen=True)
+class Want:
+    """Tiles in priority order; replaces the previous list."""
+
+    tiles: tuple[TileKey, ...]
+
+
+@dataclass(frozen=True)
+class Pause:
+    paused: bool
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """Aggregate ``shapes`` (GeoDataFrame, slide pixels); ``only_cached``: leave out ROIs whose tiles are
+    not all cached rather than wait for the model."""
+
+    request: int
+    shapes: Any
+    only_cached: bool
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Request = Start | Want | Pause | Aggregate | Stop
+
+
+# --- messages: events (service -> viewer) ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ready:
+    cache: str  # the store's path: the viewer opens it itself
+    genes: list[str]
+    device: str
+
+
+@dataclass(frozen=True)
+class TilesDone:
+    """Tiles finished (possibly none: a progress report) and the progress of the current wanted list."""
+
+    done: tuple[TileKey, ...]
+    queued: int
+    paused: bool
+    total: int
+    eta_s: float | None
+
+
+@dataclass(frozen=True)
+class Aggregated:
+    """The answer to `Aggregate` number ``request``: a table (None when no ROI was left) or an error."""
+
+    request: int
+    table: Any = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The service cannot go on; ``traceback`` is the child's, when it has one."""
+
+    message: str
+    traceback: str | None = None
+
+
+Event = Ready | TilesDone | Aggregated | Failed
+
 
 @dataclass
 class ServiceEvent:
-    """What the service reports: ``kind`` is "ready", "tiles", "aggregated" or "error"."""
+    """What `TileService.poll` reports: ``kind`` is "ready", "tiles", "aggregated" or "error"."""
 
     kind: str
     payload: dict
+
+    @classmethod
+    def of(cls, event: Event) -> ServiceEvent:
+        """The caller's view of a typed event (the payload keys the widgets read)."""
+        match event:
+            case Ready(cache, genes, device):
+                return cls("ready", {"cache": cache, "genes": genes, "device": device})
+            case TilesDone(done, queued, paused, total, eta_s):
+                payload = {"done": list(done), "queued": queued, "paused": paused, "total": total, "eta_s": eta_s}
+                return cls("tiles", payload)
+            case Aggregated(request, table, None):
+                return cls("aggregated", {"request": request, "table": table})
+            case Aggregated(request, _, error):
+                return cls("aggregated", {"request": request, "error": error})
+            case Failed(message, None):
+                return cls("error", {"message": message})
+            case Failed(message, trace):
+                return cls("error", {"message": message, "traceback": trace})
+        raise TypeError(f"not a service event: {event!r}")
 
 
 class TileService:
@@ -75,17 +180,17 @@ class TileService:
     # --- requests ----------------------------------------------------------------------------------------
     def want(self, tiles: list[TileKey]) -> None:
         """Replace the queue of wanted tiles (highest priority first)."""
-        self._link.outbox.put(("want", [tuple(int(v) for v in t) for t in tiles]))
+        self._link.outbox.put(Want(tuple(tuple(int(v) for v in t) for t in tiles)))
 
     def pause(self, paused: bool) -> None:
-        self._link.outbox.put(("pause", bool(paused)))
+        self._link.outbox.put(Pause(bool(paused)))
 
     def aggregate(self, shapes, only_cached: bool = False) -> int:
         """Ask for the aggregation of ``shapes`` (GeoDataFrame in slide pixels; circles are points with a
         ``radius`` column); the answer is an "aggregated" event with the same ``request`` number. With
         ``only_cached``, ROIs whose tiles are not all cached get NaN instead of a prediction."""
         self._next_request += 1
-        self._link.outbox.put(("aggregate", self._next_request, shapes, bool(only_cached)))
+        self._link.outbox.put(Aggregate(self._next_request, shapes, bool(only_cached)))
         return self._next_request
 
     # --- events ------------------------------------------------------------------------------------------
@@ -94,7 +199,7 @@ class TileService:
         events = []
         while True:
             try:
-                events.append(ServiceEvent(*self._link.events.get_nowait()))
+                events.append(ServiceEvent.of(self._link.events.get_nowait()))
             except queue.Empty:
                 break
         if not events and not self._died_reported and self._link.stopped_unexpectedly():
@@ -107,7 +212,7 @@ class TileService:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                event = ServiceEvent(*self._link.events.get(timeout=min(0.1, left)))
+                event = ServiceEvent.of(self._link.events.get(timeout=min(0.1, left)))
             except queue.Empty:
                 if self._process.poll() is not None and self._link.drained():
                     raise RuntimeError(f"tile service stopped (exit {self._process.returncode})") from None
@@ -170,7 +275,7 @@ class _Link:
         self.connected.set()
         threading.Thread(target=self.receive, args=(connection,), name="genemap-events", daemon=True).start()
         try:
-            connection.send(("start", spec, threads))
+            connection.send(Start(spec, threads))
             while (message := self.outbox.get()) is not None:
                 connection.send(message)
         except (OSError, ValueError):  # the child is gone; poll() says so
@@ -194,7 +299,7 @@ class _Link:
     def close(self, timeout: float = 2.0) -> None:
         self.closed = True
         if self.process.poll() is None and self.connected.is_set():
-            self.outbox.put(("stop",))
+            self.outbox.put(Stop())
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(timeout)
         if self.process.poll() is None:
@@ -239,6 +344,9 @@ def _child_environment() -> dict[str, str]:
 def main(argv: list[str]) -> int:
     """The child's entry point: ``python -m napari_genemap.infer.service ADDRESS PARENT_PID``, the
     authentication key (hex) on stdin."""
+    from ..log import configure_logging
+
+    configure_logging()
     address, parent = argv[0], int(argv[1])
     _watch_parent(parent)
     key = sys.stdin.readline().strip()
@@ -246,13 +354,16 @@ def main(argv: list[str]) -> int:
         return 3  # the parent is gone already
     try:
         connection = Client(address, authkey=bytes.fromhex(key))
-        _, spec, threads = connection.recv()
+        start = connection.recv()
     except (OSError, EOFError, ValueError) as error:
-        print(f"genemap tile service: cannot reach the viewer ({_one_line(error)})", file=sys.stderr)
+        logger.error("tile service: cannot reach the viewer (%s)", _one_line(error))
+        return 3
+    if not isinstance(start, Start):
+        logger.error("tile service: expected a start message, got %r", start)
         return 3
     requests: queue.Queue = queue.Queue()
     threading.Thread(target=_read_requests, args=(connection, requests), name="genemap-requests", daemon=True).start()
-    serve(spec, requests, _Events(connection), threads)
+    serve(start.spec, requests, _Events(connection), start.threads)
     return 0
 
 
@@ -276,7 +387,7 @@ def _read_requests(connection: Connection, requests: queue.Queue) -> None:
         except (OSError, EOFError):
             os._exit(0)
         requests.put(message)
-        if message[0] == "stop":
+        if isinstance(message, Stop):
             return
 
 
@@ -286,7 +397,7 @@ class _Events:
     def __init__(self, connection: Connection):
         self.connection = connection
 
-    def put(self, event: tuple) -> None:
+    def put(self, event: Event) -> None:
         try:
             self.connection.send(event)
         except OSError:  # nobody to report to
@@ -303,21 +414,28 @@ def serve(spec: EngineSpec, requests: queue.Queue, events, threads: int) -> None
     try:
         engine = spec.build()
     except Exception as error:  # reported to the viewer as one line
-        events.put(("error", {"message": _one_line(error)}))
+        logger.exception("tile service: cannot build the engine")
+        events.put(Failed(_one_line(error)))
         return
     worker = _Worker(engine, events)
-    events.put(("ready", {"cache": str(engine.cache.path), "genes": engine.genes, "device": str(engine.owner.device)}))
+    events.put(Ready(str(engine.cache.path), engine.genes, str(engine.owner.device)))
+    logger.info(
+        "tile service ready: %d genes on %s, cache %s", len(engine.genes), engine.owner.device, engine.cache.path
+    )
     try:
         while True:
             message = _next_message(requests, block=worker.idle)
             while message is not None:
-                if message[0] == "stop":
+                if isinstance(message, Stop):
+                    logger.info("tile service stopping")
                     return
                 worker.handle(message)
                 message = _next_message(requests, block=False)
             worker.step()
     except Exception as error:
-        events.put(("error", {"message": _one_line(error), "traceback": traceback.format_exc()}))
+        trace = traceback.format_exc()
+        logger.error("tile service failed: %s\n%s", _one_line(error), trace)
+        events.put(Failed(_one_line(error), trace))
     finally:
         engine.close()
 
@@ -347,33 +465,39 @@ class _Worker:
         self.needed: set[tuple[int, int]] = set()  # level-0 tissue tiles the wanted ones still need the model for
         self.call_seconds: deque[float] = deque(maxlen=TIMING_WINDOW)  # per model call
         self.coarse_seconds: deque[float] = deque(maxlen=TIMING_WINDOW)  # per coarser tile (2 x 2 means)
-        self.aggregations: deque = deque()
+        self.aggregations: deque[Aggregate] = deque()
         self.paused = False
 
     @property
     def idle(self) -> bool:
         return not self.aggregations and (self.paused or not self.wanted)
 
-    def handle(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "want":
-            cache = self.engine.cache
-            wanted = list(dict.fromkeys(message[1]))
-            self.total = len(wanted)
-            self.wanted = deque(t for t in wanted if not cache.has(*t))
-            leaves = {leaf for tile in self.wanted for leaf in self._leaves(*tile)}
-            self.needed = {t for t in leaves if not cache.has(0, *t) and self.engine.has_tissue(*t)}
-            self._report([])
-        elif kind == "pause":
-            self.paused = message[1]
-            self._report([])
-        elif kind == "aggregate":
-            self.aggregations.append(message[1:])
+    def handle(self, message: Request) -> None:
+        match message:
+            case Want(tiles):
+                cache = self.engine.cache
+                wanted = list(dict.fromkeys(tiles))
+                self.total = len(wanted)
+                self.wanted = deque(t for t in wanted if not cache.has(*t))
+                leaves = {leaf for tile in self.wanted for leaf in self.engine.grid.leaves(*tile)}
+                self.needed = {t for t in leaves if not cache.has(0, *t) and self.engine.has_tissue(*t)}
+                logger.debug(
+                    "want %d tiles (%d not cached, %d model tiles)", self.total, len(self.wanted), len(self.needed)
+                )
+                self._report([])
+            case Pause(paused):
+                self.paused = paused
+                logger.debug("paused" if paused else "resumed")
+                self._report([])
+            case Aggregate():
+                self.aggregations.append(message)
+            case _:
+                logger.warning("tile service: ignored an unexpected message %r", message)
 
     def step(self) -> None:
         """One unit of work: an aggregation, or one model call's worth of tiles."""
         if self.aggregations:
-            self._aggregate(*self.aggregations.popleft())
+            self._aggregate(self.aggregations.popleft())
             self.needed = {t for t in self.needed if not self.engine.cache.has(0, *t)}  # it may have predicted some
         elif self.wanted and not self.paused:
             self._advance()
@@ -386,7 +510,7 @@ class _Worker:
             self._report([])
             return
         level, row, column = self.wanted[0]
-        leaves = [t for t in self._leaves(level, row, column) if not cache.has(0, *t)]
+        leaves = [t for t in self.engine.grid.leaves(level, row, column) if not cache.has(0, *t)]
         glass = [t for t in leaves if not self.engine.has_tissue(*t)]
         if glass:  # zeros, no model: all of them in one step
             self.engine.ensure(0, glass)
@@ -409,40 +533,26 @@ class _Worker:
         self.wanted = deque(t for t in self.wanted if t not in finished)
         self._report(done)
 
-    def _leaves(self, level: int, row: int, column: int) -> list[tuple[int, int]]:
-        """The level-0 tiles under a tile of ``level``."""
-        if level == 0:
-            return [(row, column)]
-        rows, columns = self.engine.cache.tile_counts(0)
-        span = 2**level
-        return [
-            (r, c)
-            for r in range(row * span, min(rows, (row + 1) * span))
-            for c in range(column * span, min(columns, (column + 1) * span))
-        ]
-
-    def _aggregate(self, request: int, shapes, only_cached: bool) -> None:
+    def _aggregate(self, message: Aggregate) -> None:
         from .aggregate import GeneMapSource, aggregate_shapes
 
-        engine = self.engine
+        engine, shapes = self.engine, message.shapes
         try:
-            source = GeneMapSource.from_engine(engine, engine.slide_mpp)
-            if only_cached:
-                source.read = lambda i0, i1, j0, j1, genes: engine.cache.read(0, i0, i1, j0, j1, genes)
+            source = GeneMapSource.from_engine(engine, engine.slide_mpp, cached_only=message.only_cached)
+            if message.only_cached:
                 shapes = shapes[[self._cached(box) for box in shapes.geometry.bounds.to_numpy()]]
             table = aggregate_shapes(source, shapes) if len(shapes) else None
-            self.events.put(("aggregated", {"request": request, "table": table}))
+            self.events.put(Aggregated(message.request, table=table))
         except Exception as error:
-            self.events.put(("aggregated", {"request": request, "error": _one_line(error)}))
+            logger.warning("aggregation %d failed", message.request, exc_info=True)
+            self.events.put(Aggregated(message.request, error=_one_line(error)))
 
     def _cached(self, box) -> bool:
         """Whether every level-0 tile under a bounding box (slide pixels) is cached."""
         grid = self.engine.grid
         x0, y0, x1, y1 = box
         pixel = grid.map_pixel_size(0)
-        tiles = grid.tiles_for_map_region(
-            0, int(y0 // pixel), int(y1 // pixel) + 1, int(x0 // pixel), int(x1 // pixel) + 1
-        )
+        tiles = grid.tiles(0, (int(y0 // pixel), int(y1 // pixel) + 1, int(x0 // pixel), int(x1 // pixel) + 1))
         return all(self.engine.cache.has(0, *t) for t in tiles)
 
     def eta_seconds(self) -> float | None:
@@ -457,9 +567,12 @@ class _Worker:
         return seconds + coarse * _mean(self.coarse_seconds)  # not timed yet: counted as free
 
     def _report(self, done: list[TileKey]) -> None:
-        payload = {"done": done, "queued": len(self.wanted), "paused": self.paused}
-        self.events.put(("tiles", payload | {"total": self.total, "eta_s": self.eta_seconds()}))
+        self.events.put(TilesDone(tuple(done), len(self.wanted), self.paused, self.total, self.eta_seconds()))
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # run the package's copy of this module, not ``__main__``'s: the messages must unpickle as the
+    # classes the parent sends and receives (``napari_genemap.infer.service.Start``, not ``__main__.Start``)
+    from napari_genemap.infer import service
+
+    sys.exit(service.main(sys.argv[1:]))

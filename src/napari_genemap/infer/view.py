@@ -27,7 +27,6 @@ class CachedLevel:
     def __init__(self, cache: GeneMapCache, level: int, gene: int):
         self.cache, self.level, self.gene = cache, level, gene
         self.shape = tuple(int(s) for s in cache.grid.map_shape(level))
-        self.side = cache.grid.tile_map
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -64,16 +63,16 @@ class CachedLevel:
         out = np.full((i1 - i0, j1 - j0), np.nan, np.float32)
         if i1 <= i0 or j1 <= j0:
             return out
-        side = self.side
-        for row in range(i0 // side, (i1 - 1) // side + 1):
-            for column in range(j0 // side, (j1 - 1) // side + 1):
-                if not self.cache.has(self.level, row, column):
-                    continue
-                top, bottom = max(i0, row * side), min(i1, (row + 1) * side)
-                left, right = max(j0, column * side), min(j1, (column + 1) * side)
-                out[top - i0 : bottom - i0, left - j0 : right - j0] = self.cache.read(
-                    self.level, top, bottom, left, right, self.gene
-                )
+        grid = self.cache.grid
+        for row, column in grid.tiles(self.level, (i0, i1, j0, j1)):
+            if not self.cache.has(self.level, row, column):
+                continue
+            tile_top, tile_bottom, tile_left, tile_right = grid.map_box(row, column, self.level)
+            top, bottom = max(i0, tile_top), min(i1, tile_bottom)
+            left, right = max(j0, tile_left), min(j1, tile_right)
+            out[top - i0 : bottom - i0, left - j0 : right - j0] = self.cache.read(
+                self.level, top, bottom, left, right, self.gene
+            )
         tissue = self.cache.tissue(self.level)
         if tissue is not None:
             out[~tissue[i0:i1, j0:j1]] = np.nan
@@ -92,12 +91,7 @@ def gene_levels(cache: GeneMapCache, gene: str) -> list[CachedLevel]:
 
 def tiles_in_box(cache: GeneMapCache, level: int, box) -> list[tuple[int, int]]:
     """Tiles of ``level`` touching ``box`` = (i0, i1, j0, j1) in that level's map pixels (clipped)."""
-    rows, columns = cache.tile_counts(level)
-    side = cache.grid.tile_map
-    i0, i1, j0, j1 = box
-    r0, r1 = max(0, int(i0) // side), min(rows - 1, (int(np.ceil(i1)) - 1) // side)
-    c0, c1 = max(0, int(j0) // side), min(columns - 1, (int(np.ceil(j1)) - 1) // side)
-    return [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+    return cache.grid.tiles(level, box)
 
 
 def view_plan(cache: GeneMapCache, level: int, box, ring: int = 1) -> list[TileKey]:
