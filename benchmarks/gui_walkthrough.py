@@ -68,7 +68,7 @@ def main() -> None:
     spec.loader.exec_module(example)
 
     viewer = napari.Viewer()
-    viewer.window._qt_window.showMaximized()  # the screen is 1920 x 1080
+    viewer.window._qt_window.resize(1920, 1080)  # the screen; no window manager under Xvfb to maximise
     app = QApplication.instance()
     session = session_for(viewer)
     viewer.open_sample("napari-genemap", "her2st_b4_crop")
