@@ -1,1 +1,2 @@
-"""Prediction with trained models: spots from windows now; the tiled lazy engine next."""
+"""Whole-slide prediction: tile grid, tile engine and signed zarr cache, lazy levels, the tile service
+process the viewer talks to, and aggregation of the maps over circles and polygons."""

@@ -1,7 +1,8 @@
 """The Training dock widget: train a model on slides with measured spots, in a subprocess.
 
 The run is a ``genemap train STAGE --config FILE --jsonl`` process started with `QProcess`, so training
-never shares napari's process (torch stays out of it; see DESIGN.md) and the GUI never waits on it: its
+never shares napari's process (torch stays out of it: importing triton after Mesa's GL context
+segfaults) and the GUI never waits on it: its
 JSON lines arrive as Qt signals. Cancel sends SIGTERM; the run stops after its current step and keeps its
 last good checkpoint, which Resume continues. A finished run offers its checkpoint to the Slide & model
 widget (`Session.checkpoint_offered`). The stages come from `napari_genemap.train.stages.STAGES`: the
