@@ -170,11 +170,13 @@ def cmd_aggregate(args) -> int:
     frame.insert(0, "y", table.obs["y"].to_numpy())
     frame.insert(0, "x", table.obs["x"].to_numpy())
     out = Path(args.out)
-    temporary = out.with_name(f".{out.name}.tmp")
-    frame.to_csv(temporary, index=False, float_format="%.6g")
-    temporary.replace(out)
+    from .io.atomic import atomic_file
+
+    with atomic_file(out) as temporary:
+        frame.to_csv(temporary, index=False, float_format="%.6g")
     if args.h5ad:
-        table.write_h5ad(args.h5ad)
+        with atomic_file(args.h5ad, ".h5ad") as temporary:
+            table.write_h5ad(temporary)
     print(f"wrote {out}: {len(frame)} circles x {table.n_vars} genes (protocol {source.protocol.name})")
     return 0
 

@@ -195,10 +195,11 @@ def write_overview(path: Path, sdata, result: dict, measured: np.ndarray) -> Pat
         "napari-genemap demo: PixNet dense maps integrated over the measured spots (genes best on this crop)"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=90)
+    from .io.atomic import atomic_file
+
+    with atomic_file(path, ".png") as temporary:
+        figure.savefig(temporary, dpi=90)
     plt.close(figure)
-    temporary.replace(path)
     return path
 
 

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,10 +128,17 @@ class GeneMapCache:
         """Create the empty store under a temporary name, then rename it into place."""
         import zarr
 
-        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        if staging.exists():
-            shutil.rmtree(staging)
-        group = zarr.open_group(staging, mode="w")
+        from ..io.atomic import atomic_dir
+
+        try:
+            with atomic_dir(self.path) as staging:
+                self._fill(zarr.open_group(staging, mode="w"), staging, value, tissue)
+        except OSError:
+            if not self.path.exists():
+                raise
+            # else another process created the same store first: theirs is as good as ours
+
+    def _fill(self, group, staging: Path, value: dict, tissue: np.ndarray | None) -> None:
         side = self.grid.tile_map
         for level in range(self.n_levels):
             group.create_array(
@@ -153,10 +159,6 @@ class GeneMapCache:
         group.attrs.update(
             {"signature": value, "genes": self.genes, "levels": self.n_levels, "grid": dataclasses.asdict(self.grid)}
         )
-        try:
-            staging.rename(self.path)
-        except OSError:  # another process created it first: theirs is as good as ours
-            shutil.rmtree(staging, ignore_errors=True)
 
     # --- tiles -------------------------------------------------------------------------------------------
     def _marker(self, level: int, row: int, column: int) -> Path:

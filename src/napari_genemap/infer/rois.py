@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GenemapInputError
+from ..io.atomic import atomic_file, quiet_zarr
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -287,14 +288,11 @@ def write_h5ad(table: ad.AnnData, path: str | os.PathLike) -> Path:
 
 def _write_through_temporary(path: Path, write, what: str, suffix: str = "") -> Path:
     """``write(temporary)`` then rename onto ``path``: no half-written file is ever left at ``path``."""
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        with atomic_file(path, suffix) as temporary:
+            write(temporary)
     except OSError as error:
         raise GenemapInputError(f"{path}: cannot write {what} ({error.strerror or error})") from None
-    finally:
-        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -379,8 +377,7 @@ def write_rois_into_store(store: str | os.PathLike, shapes: dict, table: ad.AnnD
         raise GenemapInputError(f"{store}: not a zarr v3 SpatialData store; save the ROIs to a new store instead")
     work = store.with_name(f".{store.name}.rois-{uuid.uuid4().hex[:8]}.partial")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
+        with quiet_zarr():
             sd.SpatialData(shapes=shapes, tables={ROI_TABLE_KEY: table}).write(work / "new.zarr")
         retired = work / "retired"
         retired.mkdir()

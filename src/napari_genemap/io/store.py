@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
-import warnings
 from pathlib import Path
 
 from ..errors import GenemapInputError
+from .atomic import atomic_dir, quiet_zarr
 from .canonical import ATTRS_KEY, IMAGE_KEY
 
 
@@ -46,22 +44,7 @@ def write_store(sdata, path: str | os.PathLike, overwrite: bool = False) -> Path
     if path.suffix != ".zarr":
         raise GenemapInputError(f"{path}: a SpatialData store's name must end in .zarr")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with warnings.catch_warnings():
-            # zarr announces a future default on every array; nothing for our users to act on
-            warnings.filterwarnings("ignore", message="zarr v3 autosharding", category=UserWarning)
-            warnings.filterwarnings("ignore", message="Call to deprecated class Scaler", category=DeprecationWarning)
-            sdata.write(temporary)
-        if path.exists():
-            retired = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(path, retired)
-            os.replace(temporary, path)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(temporary, path)
-        sdata.path = path  # spatialdata points the object at where it wrote: the temporary name
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
+    with atomic_dir(path, replace=overwrite) as temporary, quiet_zarr():
+        sdata.write(temporary)
+    sdata.path = path  # spatialdata points the object at where it wrote: the temporary name
     return path

@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
+from ..io.atomic import atomic_dir
 from .registry import DEFAULT_MODEL, model_class, model_name
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
@@ -95,22 +94,10 @@ def save_checkpoint(
         for key, value in model.state_dict().items()
         if not key.endswith("num_batches_tracked")
     }
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=True) as staging:
+        staging.mkdir()
         save_file(state, os.fspath(staging / WEIGHTS_FILE), metadata={"format": FORMAT})
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-        for path, mode in ((staging, 0o755), (staging / WEIGHTS_FILE, 0o644), (staging / CONFIG_FILE, 0o644)):
-            path.chmod(mode)  # mkdtemp makes the folder private; a checkpoint is meant to be shared
-        old = None
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-        staging.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return target
 
 
