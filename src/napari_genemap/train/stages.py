@@ -153,50 +153,31 @@ def _pixnet_config(slides: list[dict], validation: list[str], settings: dict, ou
     }
 
 
-_PIXNET_DEFAULTS = defaults_of(TrainConfig)
+def _pixnet_setting(name: str, label: str, **options) -> Setting:
+    """A PixNet setting whose default is `TrainConfig`'s (never restated here)."""
+    return Setting(name, label, defaults_of(TrainConfig)[name], **options)
+
 
 PIXNET = TrainingStage(
     command="pixnet",
     label="PixNet",
     description="dense gene maps from H&E, trained on measured spots",
     settings=(
-        Setting(
-            "steps",
-            "steps",
-            _PIXNET_DEFAULTS["steps"],
-            minimum=1,
-            maximum=10**7,
-            tip="optimiser steps in the whole schedule",
-        ),
-        Setting("batch", "batch", _PIXNET_DEFAULTS["batch"], minimum=1, maximum=4096, tip="windows per step"),
-        Setting(
+        _pixnet_setting("steps", "steps", minimum=1, maximum=10**7, tip="optimiser steps in the whole schedule"),
+        _pixnet_setting("batch", "batch", minimum=1, maximum=4096, tip="windows per step"),
+        _pixnet_setting(
             "window",
             "window (px)",
-            _PIXNET_DEFAULTS["window"],
             minimum=INPUT_MULTIPLE,
             maximum=4096,
             tip=f"training window side, multiple of {INPUT_MULTIPLE}",
         ),
-        Setting("lr", "learning rate", _PIXNET_DEFAULTS["lr"], minimum=0.0, maximum=1.0),
-        Setting(
-            "mpp",
-            "µm per pixel",
-            _PIXNET_DEFAULTS["mpp"],
-            minimum=0.05,
-            maximum=100.0,
-            tip="the scale the model works at",
-        ),
-        Setting(
-            "eval_every",
-            "validate every",
-            _PIXNET_DEFAULTS["eval_every"],
-            minimum=1,
-            maximum=10**7,
-            tip="steps between checkpoints",
-        ),
-        Setting("weights", "encoder start", _PIXNET_DEFAULTS["weights"], choices=("imagenet", "random")),
-        Setting("device", "device", _PIXNET_DEFAULTS["device"], choices=("auto", "cpu", "cuda", "mps")),
-        Setting("seed", "seed", _PIXNET_DEFAULTS["seed"], minimum=0, maximum=2**31 - 1),
+        _pixnet_setting("lr", "learning rate", minimum=0.0, maximum=1.0),
+        _pixnet_setting("mpp", "µm per pixel", minimum=0.05, maximum=100.0, tip="the scale the model works at"),
+        _pixnet_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
+        _pixnet_setting("weights", "encoder start", choices=("imagenet", "random")),
+        _pixnet_setting("device", "device", choices=("auto", "cpu", "cuda", "mps")),
+        _pixnet_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
     ),
     build=_pixnet_config,
     run="napari_genemap.train.pixnet:train_pixnet",

@@ -32,7 +32,6 @@ class Session:
     slide_changed = Signal(object)  # the SpatialData
     model_changed = Signal(object)  # the checkpoint path
     ready = Signal(object)  # the GeneMapCache (read-only) the service fills
-    tiles = Signal(list, int, bool)  # tiles just finished [(level, row, column)], tiles queued, paused
     progress = Signal(dict)  # the service's whole "tiles" report (done, queued, paused, total, eta_s)
     error = Signal(str)  # one line for the user
     checkpoint_offered = Signal(str)  # a training run finished: its checkpoint folder
@@ -152,7 +151,6 @@ class Session:
                 self.cache = GeneMapCache.open(event.payload["cache"])
                 self.ready.emit(self.cache)
             elif event.kind == "tiles":
-                self.tiles.emit(event.payload["done"], event.payload["queued"], event.payload["paused"])
                 self.progress.emit(event.payload)
             elif event.kind == "aggregated":
                 callback = self._callbacks.pop(event.payload["request"], None)
