@@ -18,6 +18,33 @@ from .io import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, ImagePyramid, image_levels, sli
 #: Genes offered as spot colours: the most variable ones (all of them for small panels).
 MAX_SPOT_FEATURES = 100
 
+# What a layer shows, as ``metadata["genemap"]["element"]``: the one place these names are spelled.
+HE = IMAGE_KEY
+MEASURED_SPOTS = SPOTS_KEY
+GENE_MAP = "gene_map"
+MEASURED_ON_MAP = "measured_spots"
+ROIS = "ROIs"
+
+
+def element_of(layer) -> str | None:
+    """Which genemap element a layer shows (None for layers this plugin did not make)."""
+    return layer.metadata.get("genemap", {}).get("element")
+
+
+def find_layers(layers, element: str, gene: str | None = None, slide: str | None = None) -> list:
+    """The layers of one element, optionally of one gene and one slide (``layers``: a viewer's layer list).
+
+    By provenance in the metadata, never by name: a user may rename a layer.
+    """
+    found = []
+    for layer in layers:
+        info = layer.metadata.get("genemap", {})
+        if info.get("element") != element:
+            continue
+        if (gene is None or info.get("gene") == gene) and (slide is None or info.get("slide") == slide):
+            found.append(layer)
+    return found
+
 
 def slide_name(sdata) -> str:
     info = slide_info(sdata)

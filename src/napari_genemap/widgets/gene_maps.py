@@ -25,11 +25,10 @@ from qtpy.QtWidgets import (
 )
 
 from ..infer.view import gene_levels, view_plan
+from ..layers import GENE_MAP, MEASURED_ON_MAP, find_layers
 from ._qt import connect_session, wrapped_label
 
 VIEW_DEBOUNCE_MS = 120
-GENE_MAP = "gene_map"
-MEASURED = "measured_spots"
 CONTRAST_PERCENTILE = 99.5
 CONTRAST_TOLERANCE = 0.1  # follow the view's range, but ignore changes smaller than this (no flicker)
 
@@ -230,26 +229,17 @@ class GeneMapsWidget(QWidget):
             return
         data, meta, _ = spots_layer(slide, gene)
         meta["name"] = f"{gene} (measured)"
-        meta["metadata"]["genemap"] |= {"element": MEASURED, "slide": self.session.slide_key}
+        meta["metadata"]["genemap"] |= {"element": MEASURED_ON_MAP, "slide": self.session.slide_key}
         self.viewer.add_points(data, **meta)
 
     def gene_layers(self, gene: str | None = None, slide: str | None = None) -> list:
         return self._layers(GENE_MAP, gene, slide)
 
     def measured_layers(self, gene: str | None = None, slide: str | None = None) -> list:
-        return self._layers(MEASURED, gene, slide)
+        return self._layers(MEASURED_ON_MAP, gene, slide)
 
     def _layers(self, element: str, gene: str | None, slide: str | None) -> list:
-        """This panel's layers of one kind (by the provenance in their metadata), optionally of one gene
-        and one slide."""
-        found = []
-        for layer in self.viewer.layers:
-            info = layer.metadata.get("genemap", {})
-            if info.get("element") != element:
-                continue
-            if (gene is None or info["gene"] == gene) and (slide is None or info.get("slide") == slide):
-                found.append(layer)
-        return found
+        return find_layers(self.viewer.layers, element, gene, slide)
 
     def active_gene_layer(self):
         """The gene layer the panel speaks of: the selected one, else the topmost visible one of the slide."""

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import GenemapInputError
+from ..layers import HE
 from ._qt import connect_session, wrapped_label
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -35,7 +36,7 @@ def he_layers(viewer) -> list:
     return [
         layer
         for layer in viewer.layers
-        if layer.metadata.get("genemap", {}).get("element") == "he" and "sdata" in layer.metadata
+        if layer.metadata.get("genemap", {}).get("element") == HE and "sdata" in layer.metadata
     ]
 
 

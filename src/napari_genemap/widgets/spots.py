@@ -35,6 +35,7 @@ from qtpy.QtWidgets import (
 
 from ..errors import GenemapInputError
 from ..infer import rois as core
+from ..layers import HE
 from ._qt import connect_session, wrapped_label
 
 DEBOUNCE_MS = 300  # wait this long after the last edit before asking for aggregation
@@ -402,7 +403,7 @@ class SpotsWidget(QWidget):
         if self.session.slide is not None:
             return self.session.slide
         for layer in self.viewer.layers:
-            if "sdata" in layer.metadata and layer.metadata.get("genemap", {}).get("element") == "he":
+            if "sdata" in layer.metadata and layer.metadata.get("genemap", {}).get("element") == HE:
                 return layer.metadata["sdata"]
         return None
 
