@@ -1,8 +1,14 @@
-"""Shared fixtures: the real datasets in ../shared/data and small, real files made from them."""
+"""Shared fixtures: the real datasets in ../shared/data and small, real files made from them.
+
+Markers are given here from what a test uses, so no test can forget its own: ``data`` (it reads the shared
+datasets; skipped with one line where they are missing, e.g. a fresh clone elsewhere), ``gui`` (a napari
+viewer or Qt). ``slow`` is marked by hand. ``make test`` runs all of them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -14,13 +20,26 @@ with contextlib.suppress(ImportError):
     import triton  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DATA_VARIABLE = "GENEMAP_SHARED_DATA"
+SHARED_DATA = Path(os.environ.get(DATA_VARIABLE) or ROOT.parent / "shared" / "data")
+DATA_FIXTURES = {"shared_data", "her2st"}
+GUI_FIXTURES = {"make_napari_viewer", "qtbot"}
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = pytest.mark.skip(reason=f"needs the shared datasets in {SHARED_DATA} (or set {DATA_VARIABLE})")
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & GUI_FIXTURES:
+            item.add_marker(pytest.mark.gui)
+        if used & DATA_FIXTURES:
+            item.add_marker(pytest.mark.data)
+            if not SHARED_DATA.is_dir():
+                item.add_marker(missing)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"{SHARED_DATA} is missing: the tests read the shared datasets beside the project")
     return SHARED_DATA
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from napari_genemap.data.protocols import hist2st
-from napari_genemap.data.windows import WindowSampler, crop, load_training_slide, spots_inside
+from napari_genemap.data.windows import crop, load_training_slide, spots_inside
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.models.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
+from napari_genemap.train.sampler import WindowSampler
 
 MPP = 4.0  # the 2048 px crop at 0.6875 µm/px becomes 352 px: small enough for CPU tests
 
@@ -171,6 +172,21 @@ def test_training_can_be_cancelled(tmp_path, training_slide):
         config, slides={"B4_crop": training_slide}, protocol=hist2st(), cancel=lambda: calls.append(1) or len(calls) > 3
     )
     assert summary["cancelled"] and summary["steps"] == 3
+
+
+def test_training_logs_its_start_and_each_validation_under_the_package_logger(tmp_path, training_slide, caplog):
+    from napari_genemap.train.pixnet import TrainConfig, train_pixnet
+
+    config = TrainConfig(
+        slides=[{"path": "unused", "name": "B4_crop"}], out=str(tmp_path / "ckpt"), mpp=MPP, window=64,
+        batch=2, steps=2, eval_every=1, weights="random", stride=8,
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="napari_genemap"):
+        train_pixnet(config, slides={"B4_crop": training_slide}, protocol=hist2st())
+    messages = [r.getMessage() for r in caplog.records if r.name == "napari_genemap.train.pixnet"]
+    assert messages[0].startswith("training 2 step(s) from step 0 on cpu: B4_crop; validation none")
+    assert [m.split(":")[0] for m in messages[1:]] == ["step 1", "step 2"]
+    assert messages[-1].endswith(f"saved {tmp_path / 'ckpt'}")
 
 
 def test_train_config_errors(tmp_path):

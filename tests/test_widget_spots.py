@@ -13,7 +13,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.infer import rois as R
-from napari_genemap.io import read_slide, slide_mpp, spot_geometry, write_store
+from napari_genemap.io import SlideSource, read_slide, slide_mpp, spot_geometry, write_store
 from napari_genemap.sample import SECTION, read_sample, sample_root
 from napari_genemap.widgets.gene_maps import GeneMapsWidget
 from napari_genemap.widgets.session import session_for
@@ -58,7 +58,7 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
     viewer.window.add_dock_widget(widget, name="Spots")
     maps = GeneMapsWidget(viewer)
     viewer.window.add_dock_widget(maps, name="Gene maps")
-    session.set_slide(read_sample(), sample_root(), section=SECTION)
+    session.set_slide(read_sample(), SlideSource(str(sample_root()), SECTION))
     try:
         mpp = slide_mpp(read_sample())
         centers, _ = spot_geometry(read_sample())

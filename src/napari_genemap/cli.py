@@ -10,6 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .device import DEVICES
 from .errors import GenemapDataWarning, GenemapInputError
 from .infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
@@ -233,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--cache", help="tile cache folder (default: OUT.cache beside the output)")
     predict.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in model pixels (multiple of 32)")
     predict.add_argument("--halo", type=int, default=DEFAULT_HALO, help="context around each tile, model pixels")
-    predict.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    predict.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
     predict.add_argument("--overwrite", action="store_true")
     _add_read_options(predict)
     predict.set_defaults(run=cmd_predict)

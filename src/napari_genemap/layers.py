@@ -2,7 +2,7 @@
 
 Layers are in µm: ``scale`` is the slide's µm per pixel, so the H&E, measured spots and, later, gene maps
 line up whatever their resolution. Each layer's ``metadata["genemap"]`` says which element of which slide
-it shows (and, under "open", how to read the slide again: path, section, mpp, which the tile service uses),
+it shows (and, under "open", the `SlideSource` the tile service reads the slide again from),
 and ``metadata["sdata"]`` holds the slide so a writer can save it back.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, ImagePyramid, image_levels, slide_info, spot_geometry
+from .io import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, ImagePyramid, SlideSource, image_levels, slide_info, spot_geometry
 
 #: Genes offered as spot colours: the most variable ones (all of them for small panels).
 MAX_SPOT_FEATURES = 100
@@ -51,8 +51,8 @@ def slide_name(sdata) -> str:
     return info.get("section") or Path(info.get("source", "slide")).name.split(".")[0]
 
 
-def image_layer(sdata, source: dict | None = None) -> tuple:
-    """The H&E pyramid; ``source`` = {"path", "section", "mpp"} that `read_slide` reopens it from."""
+def image_layer(sdata, source: SlideSource | None = None) -> tuple:
+    """The H&E pyramid; ``source``: where the tile service reads the slide again."""
     levels, scales = image_levels(sdata)
     mpp = slide_info(sdata)["mpp"]
     data = [level.transpose(1, 2, 0) for level in levels]
@@ -125,7 +125,7 @@ def spots_layer(sdata, gene: str | None = None) -> tuple | None:
     return centers[:, ::-1].copy(), meta, "points"
 
 
-def slide_layers(sdata, gene: str | None = None, source: dict | None = None) -> list[tuple]:
+def slide_layers(sdata, gene: str | None = None, source: SlideSource | None = None) -> list[tuple]:
     layers = [image_layer(sdata, source)]
     spots = spots_layer(sdata, gene)
     if spots is not None:

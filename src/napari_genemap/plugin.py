@@ -23,7 +23,7 @@ def get_reader(path):
 
 def read_layers(path) -> list[tuple]:
     from .infer.rois import roi_layer
-    from .io import detect_format, open_image, read_slide
+    from .io import SlideSource, detect_format, open_image
     from .layers import pyramid_layer, slide_layers
 
     path = Path(path[0] if isinstance(path, list) else path)
@@ -32,8 +32,9 @@ def read_layers(path) -> list[tuple]:
         if pyramid.mpp is None:
             warnings.warn(f"{path.name}: the file gives no pixel size; shown in pixels", stacklevel=2)
             return [pyramid_layer(pyramid)]
-    sdata = read_slide(path)
-    layers = slide_layers(sdata, source={"path": str(path), "section": None, "mpp": None})
+    source = SlideSource(str(path))
+    sdata = source.read()
+    layers = slide_layers(sdata, source=source)
     rois = roi_layer(sdata)  # ROIs saved by the Spots widget
     return layers if rois is None else [*layers, rois]
 
@@ -56,9 +57,10 @@ def write_spatialdata(path: str, layer_data: list[tuple]) -> list[str]:
 
 def sample_data() -> list[tuple]:
     """The bundled HER2ST B4 crop: H&E pyramid and 49 measured spots."""
+    from .io import SlideSource
     from .layers import slide_layers
     from .sample import SECTION, read_sample, sample_root
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return slide_layers(read_sample(), source={"path": str(sample_root()), "section": SECTION, "mpp": None})
+        return slide_layers(read_sample(), source=SlideSource(str(sample_root()), SECTION))

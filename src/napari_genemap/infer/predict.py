@@ -9,6 +9,7 @@ workers must see the slide, the checkpoint and the cache folder at the same path
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from ..errors import GenemapInputError
 from .grid import DEFAULT_HALO, DEFAULT_TILE
+
+logger = logging.getLogger(__name__)
 
 PLUGIN_NAME = "genemap-engine"
 GENE_MAPS_KEY = "gene_maps"
@@ -66,7 +69,11 @@ def _engine_plugin(spec: EngineSpec):
             self.engine = None
 
         def setup(self, worker):
+            from ..log import configure_logging
+
+            configure_logging()  # a worker is a fresh process: GENEMAP_LOG_LEVEL applies there too
             self.engine = self.spec.build()
+            logger.info("worker %s: engine ready for %s", worker.address, self.spec.slide)
 
         def teardown(self, worker):
             if self.engine is not None:
@@ -82,6 +89,7 @@ def _predict_tiles_on_worker(tiles: list[tuple[int, int]]) -> int:
     engine = get_worker().plugins[PLUGIN_NAME].engine
     before = engine.stats["predicted"]
     engine.ensure(0, [tuple(t) for t in tiles])
+    logger.debug("predicted %d of tiles %s", engine.stats["predicted"] - before, tiles)
     return engine.stats["predicted"] - before
 
 
@@ -115,6 +123,9 @@ def predict_slide(
         tissue_set = set(tissue)
         background = [t for t in todo if t not in tissue_set]
         engine.ensure(0, background)  # written as zeros, no model
+        logger.info(
+            "%s: %d tiles, %d cached, %d with tissue to predict", spec.slide, len(all_tiles), len(cached), len(tissue)
+        )
         predicted = 0
         if tissue:
             cluster = None

@@ -14,7 +14,7 @@ from .canonical import (
 from .h5ad import read_h5ad_slide
 from .images import ImagePyramid, open_image
 from .legacy_st import read_her2st, read_legacy_st, read_mouse_olfactory_bulb
-from .read import detect_format, read_image_slide, read_slide
+from .read import SlideSource, detect_format, read_image_slide, read_slide
 from .store import read_store, write_store
 from .visium import read_visium
 
@@ -24,6 +24,7 @@ __all__ = [
     "SPOTS_KEY",
     "TABLE_KEY",
     "ImagePyramid",
+    "SlideSource",
     "counts_table",
     "detect_format",
     "image_levels",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GenemapInputError
@@ -16,6 +17,24 @@ SUPPORTED = (
     "a SpatialData .zarr store, a Visium folder, a HER2ST folder (with section=), an ST image with its "
     "counts and alignment tables beside it, or a TIFF/OME-TIFF/JPEG/PNG slide"
 )
+
+
+@dataclass(frozen=True)
+class SlideSource:
+    """Where a slide was read from: enough for another process (the tile service, a dask worker) to read
+    the same slide again. Travels between the session, the layers' metadata and the engine."""
+
+    path: str
+    section: str | None = None
+    mpp: float | None = None  # only when the file gives none
+
+    def read(self):
+        return read_slide(self.path, section=self.section, mpp=self.mpp)
+
+    @property
+    def key(self) -> str:
+        """What identifies the slide in layer metadata: one file can hold several sections."""
+        return f"{self.path}::{self.section or ''}"
 
 
 def detect_format(path: str | os.PathLike) -> str | None:

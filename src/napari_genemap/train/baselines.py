@@ -14,12 +14,13 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol
-from ..data.windows import TrainingSlide, crop, stain_jitter
+from ..data.windows import TrainingSlide, crop
 from ..evaluate.metrics import summarise_unit
 from ..models.crop import CropRegressor, pooled_features
 from ..models.encoders import Encoder, EncoderConfig
 from ..models.predict import to_input
 from .losses import batch_pearson
+from .sampler import stain_jitter
 from .schedule import warmup_cosine
 
 

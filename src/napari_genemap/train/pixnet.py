@@ -9,6 +9,7 @@ when no validation section is named. A test section belongs to neither list: pas
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol, get_protocol
-from ..data.windows import TrainingSlide, WindowSampler, load_training_slide
+from ..data.windows import TrainingSlide, load_training_slide
 from ..device import resolve_device
 from ..errors import GenemapInputError
 from ..evaluate.metrics import summarise_unit
@@ -29,9 +30,11 @@ from ..models.pixnet import PixNet, PixNetConfig
 from ..models.predict import predict_spots
 from .config import TrainConfig, slide_name
 from .losses import spot_loss
+from .sampler import WindowSampler
 from .schedule import warmup_cosine
 
 Progress = Callable[[int, int, str], None]
+logger = logging.getLogger(__name__)
 
 
 def load_slides(config: TrainConfig, protocol: Protocol | None = None) -> tuple[dict[str, TrainingSlide], Protocol]:
@@ -130,6 +133,14 @@ def train_pixnet(
     }
     save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     best, history, started = -math.inf, [], time.perf_counter()
+    logger.info(
+        "training %d step(s) from step %d on %s: %s; validation %s",
+        config.steps - start,
+        start,
+        device,
+        ", ".join(s.name for s in train_slides),
+        ", ".join(config.validation) or "none",
+    )
     if resumed is not None:
         best = _resumed_score(resumed[0].metrics, config.validation, start)
     cancelled = saved = False
@@ -165,6 +176,7 @@ def train_pixnet(
         running = loss if running is None else 0.9 * running + 0.1 * loss
         if progress is not None:
             progress(step, config.steps, f"loss {running:.4f}")
+        logger.debug("step %d: loss %.4f (running %.4f), lr %.2e", step, loss, running, lr)
         record = {
             "step": step,
             "loss": loss,
@@ -190,6 +202,8 @@ def train_pixnet(
                     dtype=save_dtype,
                 )
                 record["saved"] = saved = True
+            saved_note = f"; saved {config.out}" if record.get("saved") else ""
+            logger.info("step %d: validation %s%s", step, scores or "none", saved_note)
         history.append(record)
         if on_metrics is not None:
             on_metrics(record)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from ..device import DEVICES
 from ..errors import GenemapInputError
 from ..models.registry import INPUT_MULTIPLE, import_object
 from .config import TrainConfig, slide_name
@@ -176,7 +177,7 @@ PIXNET = TrainingStage(
         _pixnet_setting("mpp", "µm per pixel", minimum=0.05, maximum=100.0, tip="the scale the model works at"),
         _pixnet_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
         _pixnet_setting("weights", "encoder start", choices=("imagenet", "random")),
-        _pixnet_setting("device", "device", choices=("auto", "cpu", "cuda", "mps")),
+        _pixnet_setting("device", "device", choices=DEVICES),
         _pixnet_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
     ),
     build=_pixnet_config,

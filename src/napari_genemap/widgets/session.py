@@ -11,11 +11,15 @@ import os
 import weakref
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from psygnal import Signal
 
 from ..checkpoints import shipped_checkpoint
 from ..errors import GenemapInputError
+
+if TYPE_CHECKING:
+    from ..io.read import SlideSource
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -39,7 +43,7 @@ class Session:
     def __init__(self, cache_root: str | os.PathLike | None = None):
         self.cache_root = Path(cache_root) if cache_root else default_cache_root()
         self.slide = None
-        self.slide_spec: dict | None = None  # {"path", "section", "mpp"}: how the service reopens the slide
+        self.slide_source: SlideSource | None = None  # how the service reads the slide again
         self.checkpoint: Path = shipped_checkpoint()
         self.device = "auto"
         self.service = None
@@ -48,9 +52,8 @@ class Session:
         self.timer = None  # the Qt timer polling this session (set by the widgets)
 
     # --- choices -----------------------------------------------------------------------------------------
-    def set_slide(self, sdata, path: str | os.PathLike, section: str | None = None, mpp: float | None = None):
-        self.slide = sdata
-        self.slide_spec = {"path": str(path), "section": section, "mpp": mpp}
+    def set_slide(self, sdata, source: SlideSource) -> None:
+        self.slide, self.slide_source = sdata, source
         self.slide_changed.emit(sdata)
         self.restart()
 
@@ -70,9 +73,7 @@ class Session:
     @property
     def slide_key(self) -> str | None:
         """What identifies the active slide in layer metadata (how the service reopens it)."""
-        if self.slide_spec is None:
-            return None
-        return f"{self.slide_spec['path']}::{self.slide_spec['section'] or ''}"
+        return None if self.slide_source is None else self.slide_source.key
 
     def training_overlap(self) -> str | None:
         """The section of the model's training data this slide is (or was cut from), else None.
@@ -107,12 +108,12 @@ class Session:
         from ..infer.service import TileService
 
         self.stop()
-        if self.slide_spec is None:
+        if self.slide_source is None:
             return
         spec = EngineSpec(
-            slide=self.slide_spec["path"],
-            section=self.slide_spec["section"],
-            mpp=self.slide_spec["mpp"],
+            slide=self.slide_source.path,
+            section=self.slide_source.section,
+            mpp=self.slide_source.mpp,
             checkpoint=str(self.checkpoint),
             cache_root=str(self.cache_root),
             device=self.device,

@@ -24,11 +24,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..device import DEVICES
 from ..errors import GenemapInputError
 from ..layers import HE
 from ._qt import connect_session, wrapped_label
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def he_layers(viewer) -> list:
@@ -150,7 +149,7 @@ class SlideModelWidget(QWidget):
         from ..io import image_levels, slide_mpp
 
         info = layer.metadata["genemap"]
-        source = info.get("open") or {"path": info.get("source"), "section": None, "mpp": None}
+        source = info["open"]
         sdata = layer.metadata["sdata"]
         levels, _ = image_levels(sdata)
         height, width = levels[0].shape[1:]
@@ -161,7 +160,7 @@ class SlideModelWidget(QWidget):
         self._show_only(sdata)
         self.active.setText(f"The model runs on: {layer.name}" + self._others_note())
         self.status.setText("starting the model…")
-        self.session.set_slide(sdata, source["path"], section=source.get("section"), mpp=source.get("mpp"))
+        self.session.set_slide(sdata, source)
 
     def _show_only(self, sdata) -> None:
         """Show the active slide's H&E and spots; hide the other slides' (they open at the same place)."""

@@ -393,8 +393,8 @@ class SpotsWidget(QWidget):
     def _slide_store(self) -> Path | None:
         from ..io.store import is_zarr_store
 
-        spec = self.session.slide_spec or {}
-        candidates = [spec.get("path"), getattr(self._slide(), "path", None)]
+        source = self.session.slide_source
+        candidates = [source.path if source else None, getattr(self._slide(), "path", None)]
         return next((Path(c) for c in candidates if c is not None and is_zarr_store(c)), None)
 
     # --- the layer -----------------------------------------------------------------------------------------
