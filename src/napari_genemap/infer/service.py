@@ -304,8 +304,10 @@ class _Link:
                 self.process.wait(timeout)
         if self.process.poll() is None:
             self.process.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
+            try:
                 self.process.wait(timeout)
+            except subprocess.TimeoutExpired:  # a loaded machine: reap it later, never leave a zombie
+                threading.Thread(target=self.process.wait, name="genemap-reap", daemon=True).start()
         self.outbox.put(None)
         if not self.connected.is_set():
             self.wake_accept()
