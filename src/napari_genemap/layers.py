@@ -131,3 +131,82 @@ def slide_layers(sdata, gene: str | None = None, source: SlideSource | None = No
     if spots is not None:
         layers.append(spots)
     return layers
+
+
+def map_pixel_um(cache, sdata) -> float:
+    """µm per pixel of a gene-map cache's finest level on ``sdata``."""
+    return cache.grid.map_pixel_size(0) * slide_info(sdata)["mpp"]
+
+
+def gene_map_layer(
+    cache, gene: str, sdata, *, slide: str, model: str, checkpoint, smooth: bool = False, taken=()
+) -> tuple:
+    """The predicted map of ``gene`` from a `GeneMapCache` as a multiscale image on the slide, named
+    "GENE · model" (plus the slide's name when that is ``taken``, i.e. another slide has it). ``slide``: the
+    session's key of the slide; ``checkpoint``: the model's folder. Starts at contrast 0-1 (the panel sets
+    it from what is in view)."""
+    from .infer.view import gene_levels
+
+    mpp = slide_info(sdata)["mpp"]
+    pixel_um = map_pixel_um(cache, sdata)
+    name = f"{gene} · {model}"
+    if name in taken:
+        name += f" · {slide_name(sdata)}"
+    offset = (pixel_um - mpp) / 2  # map pixel 0 covers slide pixels [0, size): its centre vs a pixel's centre
+    meta = {
+        "name": name,
+        "multiscale": True,
+        "colormap": "magma",
+        "opacity": 0.75,
+        "scale": (pixel_um, pixel_um),
+        "translate": (offset, offset),
+        "units": ("µm", "µm"),
+        "contrast_limits": (0.0, 1.0),
+        "interpolation2d": "linear" if smooth else "nearest",
+        "metadata": {
+            "genemap": {
+                "element": GENE_MAP,
+                "gene": gene,
+                "slide": slide,
+                "cache": str(cache.path),
+                "model": model,
+                "checkpoint": str(checkpoint),
+                "units": f"predicted counts per {pixel_um:.1f} µm map pixel",
+                "contrast_user": False,
+            }
+        },
+    }
+    return gene_levels(cache, gene), meta, "image"
+
+
+def map_legend(cache, sdata) -> str:
+    """What the colours of `gene_map_layer` and `measured_on_map_layer` mean, and that they differ."""
+    return (
+        f"Map (magma): predicted counts per {map_pixel_um(cache, sdata):.0f} µm pixel. Measured spots (viridis): "
+        "ln(1 + counts per 10,000). Different scales: compare patterns, not colours."
+    )
+
+
+def show_only_slide(layers, slide: str | None) -> None:
+    """Hide the ``layers`` of other slides (remembering which were shown) and show again those of ``slide``
+    that an earlier switch hid: the layers a user hid stay hidden."""
+    for layer in layers:
+        info = layer.metadata["genemap"]
+        if info.get("slide") != slide and layer.visible:
+            layer.visible = False
+            info["hidden_by_switch"] = True
+        elif info.get("slide") == slide and info.pop("hidden_by_switch", False):
+            layer.visible = True
+
+
+def measured_on_map_layer(sdata, gene: str, slide: str) -> tuple | None:
+    """The measured spots of ``gene`` to compare with its map, or None when the slide does not measure it."""
+    if TABLE_KEY not in sdata.tables or gene not in sdata.tables[TABLE_KEY].var_names:
+        return None
+    spots = spots_layer(sdata, gene)
+    if spots is None:
+        return None
+    data, meta, kind = spots
+    meta["name"] = f"{gene} (measured)"
+    meta["metadata"]["genemap"] |= {"element": MEASURED_ON_MAP, "slide": slide}
+    return data, meta, kind

@@ -5,7 +5,7 @@ in the cache (one inner chunk per tile for that gene) and gives NaN where a tile
 where the cache's tissue mask says glass, so the H&E shows through (napari draws NaN transparent) and
 slicing never waits for the model. `view_plan` orders the tiles a view needs:
 the tiles in view at the shown level, nearest the view's centre first, then a ring around the view,
-then the same area at each coarser level.
+then the same area at each coarser level; `progress_text` says how far the service is through them.
 """
 
 from __future__ import annotations
@@ -120,3 +120,16 @@ def view_plan(cache: GeneMapCache, level: int, box, ring: int = 1) -> list[TileK
         tiles = tiles_in_box(cache, coarser, tuple(v * scale for v in box))
         plan += [(coarser, *t) for t in by_distance(tiles, scale)]
     return plan
+
+
+def progress_text(queued: int, paused: bool, total: int | None, eta_s: float | None) -> str:
+    """The service's progress on a view in a reader's words: how much is left and about how long it takes."""
+    if not queued:
+        return "view predicted"
+    count = f"{total - queued} / {total} tiles of this view done" if total else f"{queued} tiles to go"
+    if paused:
+        return f"paused: {count}"
+    if eta_s is None:
+        return f"predicting: {count}"
+    eta = f"about {eta_s:.0f} s" if eta_s < 90 else f"about {eta_s / 60:.0f} min"
+    return f"predicting: {count}, {eta} left"
