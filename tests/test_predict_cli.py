@@ -17,6 +17,8 @@ import torch
 
 from napari_genemap.cli import main
 from napari_genemap.data.protocols import Protocol
+from napari_genemap.io import slide_mpp
+from napari_genemap.io.rois import UNIT_COLUMNS
 from napari_genemap.models.checkpoint import load_checkpoint, save_checkpoint
 from napari_genemap.models.encoders import EncoderConfig
 from napari_genemap.models.pixnet import PixNet, PixNetConfig
@@ -37,7 +39,7 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def spots_csv(path: Path, radius_column: str = "radius") -> tuple[np.ndarray, np.ndarray]:
-    from napari_genemap.io import slide_mpp, spot_geometry
+    from napari_genemap.io import spot_geometry
 
     sdata = read_sample()
     centers, radii = spot_geometry(sdata)
@@ -56,9 +58,11 @@ def test_predict_then_aggregate_at_the_measured_spots(tmp_path, checkpoint, caps
         main(["aggregate", str(out), "--circles", str(tmp_path / "spots.csv"), "--out", str(tmp_path / "t.csv")]) == 0
     )
     table = pd.read_csv(tmp_path / "t.csv")
-    assert list(table.columns) == ["x", "y", "radius", "ERBB2", "CD74", "COL1A1"] and len(table) == 49
-    np.testing.assert_allclose(table[["x", "y"]].to_numpy(), centers)
-    np.testing.assert_allclose(table["radius"], radii, rtol=1e-6)  # µm converted back to slide px
+    assert list(table.columns) == ["name", "kind", *UNIT_COLUMNS, "ERBB2", "CD74", "COL1A1"] and len(table) == 49
+    assert (table["kind"] == "circle").all()
+    np.testing.assert_allclose(table[["x_px", "y_px"]].to_numpy(), centers)
+    np.testing.assert_allclose(table["radius_px"], radii, rtol=1e-6)  # µm converted back to slide px
+    np.testing.assert_allclose(table["radius_um"], radii * slide_mpp(read_sample()), rtol=1e-5)
 
     # the same numbers straight from the engine (no store, no CLI): aggregation at the spots
     from napari_genemap.infer.aggregate import predict_measured_spots

@@ -11,11 +11,13 @@ import pytest
 import shapely
 import spatialdata as sd
 
+from napari_genemap import rois as R
+from napari_genemap import roiset
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
-from napari_genemap.infer import rois as R
 from napari_genemap.infer.aggregate import GeneMapSource, aggregate_shapes
 from napari_genemap.io import read_slide, slide_mpp, write_store
+from napari_genemap.io import rois as roi_io
 from napari_genemap.plugin import read_layers
 
 GENES = ["A", "B", "C"]
@@ -153,7 +155,7 @@ def test_roi_table_has_the_disk_and_polygon_integrals_and_geometry(rois_and_tabl
 def test_csv_round_trip_says_its_units(rois_and_table, sample_slide, tmp_path):
     _, table = rois_and_table
     mpp = slide_mpp(sample_slide)
-    path = R.write_csv(table, tmp_path / "rois.csv")
+    path = roi_io.write_csv(table, tmp_path / "rois.csv")
     frame = pd.read_csv(path)
     assert list(frame.columns) == [
         "name",
@@ -175,29 +177,29 @@ def test_csv_round_trip_says_its_units(rois_and_table, sample_slide, tmp_path):
 
 def test_h5ad_round_trip(rois_and_table, tmp_path):
     _, table = rois_and_table
-    back = ad.read_h5ad(R.write_h5ad(table, tmp_path / "rois.h5ad"))
+    back = ad.read_h5ad(roi_io.write_h5ad(table, tmp_path / "rois.h5ad"))
     assert list(back.obs_names) == list(table.obs_names)
     assert {"x_um", "radius_um", "area_um2", "x_px", "radius_px", "area_px2", "geometry_wkt_px"} <= set(back.obs)
     np.testing.assert_array_equal(back.X, table.X)
     np.testing.assert_array_equal(back.layers["integral"], table.layers["integral"])
     assert back.uns["genemap"]["protocol"]["log"] == "log10"
     with pytest.raises(GenemapInputError, match=r"must end in \.h5ad"):
-        R.write_h5ad(table, tmp_path / "rois.csv")
+        roi_io.write_h5ad(table, tmp_path / "rois.csv")
 
 
 def test_new_spatialdata_store_keeps_the_slide_and_the_rois_in_place(rois_and_table, sample_slide, tmp_path):
     rois, table = rois_and_table
-    path = R.write_spatialdata(rois, table, sample_slide, tmp_path / "with_rois.zarr")
+    path = roi_io.write_spatialdata(rois, table, sample_slide, tmp_path / "with_rois.zarr")
     back = read_slide(path)
-    assert {"he", "spots", R.ROI_CIRCLES_KEY, R.ROI_POLYGONS_KEY} <= set(back.images) | set(back.shapes)
-    circles = back.shapes[R.ROI_CIRCLES_KEY]
+    assert {"he", "spots", roi_io.ROI_CIRCLES_KEY, roi_io.ROI_POLYGONS_KEY} <= set(back.images) | set(back.shapes)
+    circles = back.shapes[roi_io.ROI_CIRCLES_KEY]
     assert list(circles["name"]) == ["tumour"]
     assert (circles.geometry.x.iloc[0], circles.geometry.y.iloc[0], circles["radius"].iloc[0]) == (600, 500, 40)
-    expression = back.tables[R.ROI_TABLE_KEY]
-    assert expression.uns["spatialdata_attrs"]["region"] == [R.ROI_CIRCLES_KEY, R.ROI_POLYGONS_KEY]
+    expression = back.tables[roi_io.ROI_TABLE_KEY]
+    assert expression.uns["spatialdata_attrs"]["region"] == [roi_io.ROI_CIRCLES_KEY, roi_io.ROI_POLYGONS_KEY]
     assert list(expression.obs["roi_id"]) == [0, 1, 2]
     # read back in the original order, with the same values
-    rois_back, table_back = R.read_rois(back)
+    rois_back, table_back = roi_io.read_rois(back)
     assert list(rois_back.index) == ["tumour", "stroma", "edge"]
     assert rois_back.geometry.iloc[2].equals(rois.geometry.iloc[2])
     np.testing.assert_array_equal(table_back.X, table.X)
@@ -211,28 +213,28 @@ def test_new_spatialdata_store_keeps_the_slide_and_the_rois_in_place(rois_and_ta
     np.testing.assert_allclose(data[0], R.ellipse_corners(600, 500, 40))
     with pytest.raises(GenemapInputError, match="exists and is not a SpatialData store"):
         (tmp_path / "taken.zarr").mkdir()
-        R.write_spatialdata(rois, table, sample_slide, tmp_path / "taken.zarr")
+        roi_io.write_spatialdata(rois, table, sample_slide, tmp_path / "taken.zarr")
 
 
 def test_rois_written_into_an_existing_store_replace_the_old_ones(rois_and_table, sample_slide, tmp_path):
     rois, table = rois_and_table
     store = write_store(sample_slide, tmp_path / "slide.zarr")
     opened = read_slide(store)
-    R.write_spatialdata(rois, table, opened, store)
-    assert set(sd.read_zarr(store).shapes) == {"spots", R.ROI_CIRCLES_KEY, R.ROI_POLYGONS_KEY}
-    assert R.ROI_POLYGONS_KEY in opened.shapes  # the open slide follows its store
+    roi_io.write_spatialdata(rois, table, opened, store)
+    assert set(sd.read_zarr(store).shapes) == {"spots", roi_io.ROI_CIRCLES_KEY, roi_io.ROI_POLYGONS_KEY}
+    assert roi_io.ROI_POLYGONS_KEY in opened.shapes  # the open slide follows its store
     # again, with the circle alone and moved: the polygons go, nothing is left half-written beside the store
     moved = R.rois_from_shapes([R.ellipse_corners(700, 800, 25)], ["ellipse"], ["tumour"])
     one = R.roi_table(moved, aggregate_shapes(constant_source(slide_mpp(opened)), moved), slide_mpp(opened))
-    R.write_spatialdata(moved, one, opened, store)
+    roi_io.write_spatialdata(moved, one, opened, store)
     back = sd.read_zarr(store)
-    assert set(back.shapes) == {"spots", R.ROI_CIRCLES_KEY}
-    assert set(back.tables) == {"counts", R.ROI_TABLE_KEY} and back.tables[R.ROI_TABLE_KEY].n_obs == 1
-    circle = back.shapes[R.ROI_CIRCLES_KEY]
+    assert set(back.shapes) == {"spots", roi_io.ROI_CIRCLES_KEY}
+    assert set(back.tables) == {"counts", roi_io.ROI_TABLE_KEY} and back.tables[roi_io.ROI_TABLE_KEY].n_obs == 1
+    circle = back.shapes[roi_io.ROI_CIRCLES_KEY]
     assert (circle.geometry.x.iloc[0], circle.geometry.y.iloc[0], circle["radius"].iloc[0]) == (700, 800, 25)
     assert back.tables["counts"].n_obs == 49 and "he" in back.images
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slide.zarr"]
-    assert R.ROI_POLYGONS_KEY not in opened.shapes
+    assert roi_io.ROI_POLYGONS_KEY not in opened.shapes
 
 
 def test_exports_refuse_rois_without_expression(rois_and_table):
@@ -245,35 +247,35 @@ def test_exports_refuse_rois_without_expression(rois_and_table):
 def test_a_stores_saved_expression_is_found_by_roi_name(rois_and_table, sample_slide, tmp_path):
     rois, table = rois_and_table
     table.uns["genemap"]["model"] = "her2st-model"
-    back = read_slide(R.write_spatialdata(rois, table, sample_slide, tmp_path / "with_rois.zarr"))
-    saved = R.saved_expression(back)
+    back = read_slide(roi_io.write_spatialdata(rois, table, sample_slide, tmp_path / "with_rois.zarr"))
+    saved = roi_io.saved_expression(back)
     assert saved.genes == GENES and list(saved.rows) == ["tumour", "stroma", "edge"]
     np.testing.assert_array_equal(saved.rows["stroma"][0], table.X[1])
     np.testing.assert_array_equal(saved.rows["edge"][1], table.layers["integral"][2])
     assert saved.note() == (
         "showing the saved expression from with_rois.zarr (model her2st-model); a running model recomputes it"
     )
-    assert R.saved_expression(sample_slide) is None  # no ROIs saved
+    assert roi_io.saved_expression(sample_slide) is None  # no ROIs saved
 
 
 def test_history_steps_back_through_distinct_states():
     circle = R.ellipse_corners(600, 500, 40)
-    empty = R.RoiState.of([], [], [])
-    one = R.RoiState.of([circle], ["ellipse"], ["ROI 1"])
-    two = R.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "ROI 2"])
-    renamed = R.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "edge"])
-    history = R.RoiHistory()
+    empty = roiset.RoiState.of([], [], [])
+    one = roiset.RoiState.of([circle], ["ellipse"], ["ROI 1"])
+    two = roiset.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "ROI 2"])
+    renamed = roiset.RoiState.of([circle, TRIANGLE], ["ellipse", "polygon"], ["ROI 1", "edge"])
+    history = roiset.RoiHistory()
     for state in (empty, one, one, two, renamed):
         history.record(state)
     assert len(history) == 4  # the repeated state is kept once
     assert history.undo(renamed).same(two)
     assert history.undo(two).same(one)
     # a change that was never recorded (the present) is what the next undo takes back
-    moved = R.RoiState.of([circle + 5], ["ellipse"], ["ROI 1"])
+    moved = roiset.RoiState.of([circle + 5], ["ellipse"], ["ROI 1"])
     assert history.undo(moved).same(one)
     assert history.undo(one).same(empty)
     assert history.undo(empty) is None
-    short = R.RoiHistory(limit=2)
+    short = roiset.RoiHistory(limit=2)
     for state in (empty, one, two):
         short.record(state)
     assert short.undo(two).same(one) and short.undo(one) is None

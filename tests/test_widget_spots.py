@@ -11,9 +11,10 @@ import shapely
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtWidgets import QApplication
 
+from napari_genemap import rois as R
 from napari_genemap.errors import GenemapInputError
-from napari_genemap.infer import rois as R
 from napari_genemap.io import SlideSource, read_slide, slide_mpp, spot_geometry, write_store
+from napari_genemap.io import rois as roi_io
 from napari_genemap.sample import SECTION, read_sample, sample_root
 from napari_genemap.widgets.gene_maps import GeneMapsWidget
 from napari_genemap.widgets.session import session_for
@@ -119,7 +120,7 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
         # exports, re-read: same rows, same values, circles of the right radius in the right place
         frame_csv = pd.read_csv(widget.export_csv(tmp_path / "rois.csv"))
         assert list(frame_csv["name"]) == ["ROI 1", "ROI 2"]
-        assert list(frame_csv.columns[:10]) == ["name", "kind", *R.UNIT_COLUMNS]
+        assert list(frame_csv.columns[:10]) == ["name", "kind", *roi_io.UNIT_COLUMNS]
         assert list(frame_csv.columns[10:]) == genes
         # µm = slide px x µm/px, the radius as given; 6 significant digits in the file
         assert frame_csv.loc[0, ["x_px", "y_px", "radius_px"]].tolist() == pytest.approx([x, y, 50 / mpp], rel=1e-5)
@@ -138,7 +139,7 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
         assert table.obs.loc["ROI 1", ["x_px", "y_px", "radius_px"]].tolist() == pytest.approx([x, y, 50 / mpp])
 
         store = widget.export_spatialdata(tmp_path / "rois.zarr")
-        rois, expression = R.read_rois(read_slide(store))
+        rois, expression = roi_io.read_rois(read_slide(store))
         assert list(rois.index) == ["ROI 1", "ROI 2"]
         circle_back = rois.geometry.iloc[0]
         assert (circle_back.x, circle_back.y, rois["radius"].iloc[0]) == pytest.approx((x, y, 50 / mpp))
@@ -158,7 +159,7 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
         # renamed in the table and saved again into the same store: replaced, not added
         assert widget.model.setData(widget.model.index(1, 0), "stroma")
         assert widget.export_spatialdata(store) == store
-        rois, expression = R.read_rois(read_slide(store))
+        rois, expression = roi_io.read_rois(read_slide(store))
         assert list(rois.index) == ["ROI 1", "stroma"] and list(expression.obs_names) == ["ROI 1", "stroma"]
         assert expression.obs.loc["ROI 1", "radius_um"] == pytest.approx(50.0)
         assert expression.obs.loc["ROI 1", "x_px"] == pytest.approx(x)
@@ -206,12 +207,12 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
             reader.message.text()
             == f"{tmp_path / 'plain'}: not a SpatialData store; choose a .zarr store folder, or New store…"
         )
-        rois_before = R.read_rois(read_slide(other))[0]
+        rois_before = roi_io.read_rois(read_slide(other))[0]
         reader.model.setData(reader.model.index(0, 0), "tumour")
         answer_file_dialog(qtbot, other)
         into_existing.trigger()
         assert reader.message.text() == f"wrote 2 ROIs to {other}"
-        rois, expression = R.read_rois(read_slide(other))
+        rois, expression = roi_io.read_rois(read_slide(other))
         assert list(rois.index) == ["tumour", "stroma"] and list(expression.obs_names) == ["tumour", "stroma"]
         assert rois.geometry.iloc[0].equals(rois_before.geometry.iloc[0])
         np.testing.assert_allclose(expression.X, frame[genes].to_numpy(float), rtol=1e-6)
@@ -220,7 +221,7 @@ def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_v
         menu_action(reader, "New store").trigger()
         assert reader.message.text() == f"wrote 2 ROIs to {tmp_path / 'new_rois.zarr'}"
         new = read_slide(tmp_path / "new_rois.zarr")
-        assert "he" in new.images and list(R.read_rois(new)[0].index) == ["tumour", "stroma"]
+        assert "he" in new.images and list(roi_io.read_rois(new)[0].index) == ["tumour", "stroma"]
         into_slide = menu_action(reader, "Into the slide's store")
         assert into_slide.isEnabled() and into_slide.text() == "Into the slide's store (rois.zarr)"
     finally:

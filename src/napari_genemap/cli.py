@@ -162,23 +162,18 @@ def cmd_predict(args) -> int:
 
 def cmd_aggregate(args) -> int:
     from .infer.aggregate import aggregate_circles, read_circles_csv, read_prediction
+    from .io.rois import write_csv, write_h5ad
+    from .rois import circles, roi_table
 
     source = read_prediction(args.prediction)
     centers, radii = read_circles_csv(args.circles, source.slide_mpp)
     table = aggregate_circles(source, centers, radii)
-    frame = table.to_df()
-    frame.insert(0, "radius", table.obs["radius"].to_numpy())
-    frame.insert(0, "y", table.obs["y"].to_numpy())
-    frame.insert(0, "x", table.obs["x"].to_numpy())
-    out = Path(args.out)
-    from .io.atomic import atomic_file
-
-    with atomic_file(out) as temporary:
-        frame.to_csv(temporary, index=False, float_format="%.6g")
+    # the Spots panel's table and files: name, kind, geometry in µm and slide pixels, then the genes
+    table = roi_table(circles(centers, radii, table.obs_names), table, source.slide_mpp)
+    out = write_csv(table, args.out)
     if args.h5ad:
-        with atomic_file(args.h5ad, ".h5ad") as temporary:
-            table.write_h5ad(temporary)
-    print(f"wrote {out}: {len(frame)} circles x {table.n_vars} genes (protocol {source.protocol.name})")
+        write_h5ad(table, args.h5ad)
+    print(f"wrote {out}: {table.n_obs} circles x {table.n_vars} genes (protocol {source.protocol.name})")
     return 0
 
 
@@ -242,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate = sub.add_parser("aggregate", help="integrate predicted gene maps over circles")
     aggregate.add_argument("prediction", help="a store written by 'genemap predict'")
     aggregate.add_argument("--circles", required=True, help="CSV with columns x, y, radius (px) or radius_um")
-    aggregate.add_argument("--out", required=True, help="output CSV: x, y, radius, then one column per gene")
+    aggregate.add_argument(
+        "--out",
+        required=True,
+        help="output CSV: name, kind, x_um, y_um, radius_um, area_um2, x_px, ..., then the genes",
+    )
     aggregate.add_argument("--h5ad", help="also write the AnnData (raw integrals in layers['integral'])")
     aggregate.set_defaults(run=cmd_aggregate)
 

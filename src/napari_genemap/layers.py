@@ -210,3 +210,38 @@ def measured_on_map_layer(sdata, gene: str, slide: str) -> tuple | None:
     meta["name"] = f"{gene} (measured)"
     meta["metadata"]["genemap"] |= {"element": MEASURED_ON_MAP, "slide": slide}
     return data, meta, kind
+
+
+def roi_layer_meta(sdata, names: list[str] | tuple[str, ...] = ()) -> dict:
+    """A shapes layer of ROIs named ``names`` on slide ``sdata`` (in slide pixels, scaled to µm): yellow
+    outlines labelled with their name, a width that suits the slide's size."""
+    levels, scales = image_levels(sdata)
+    mpp = float(slide_info(sdata)["mpp"])
+    return {
+        "name": ROIS,
+        "features": pd.DataFrame({"name": pd.Series(list(names), dtype=object)}),
+        "scale": (mpp, mpp),
+        "units": ("µm", "µm"),
+        "metadata": {"genemap": {"element": ROIS, **slide_info(sdata)}},
+        "edge_color": "yellow",
+        "face_color": [1.0, 1.0, 0.0, 0.08],
+        "edge_width": max(2.0, max(levels[0].shape[1:]) * scales[0] / 500),
+        # the name above each ROI, as large as the table's text and in the outline's colour
+        "text": {"string": "{name}", "color": "yellow", "size": 12, "anchor": "upper_left"},
+        "feature_defaults": {"name": ""},
+    }
+
+
+def roi_layer(sdata) -> tuple | None:
+    """The ROIs saved in a slide's store as a shapes layer-data tuple, or None when it holds none."""
+    from .io.rois import read_rois
+    from .rois import shapes_from_rois
+
+    rois, _ = read_rois(sdata)
+    if rois is None:
+        return None
+    data, types, names = shapes_from_rois(rois)
+    meta = roi_layer_meta(sdata, names)
+    meta["shape_type"] = types
+    meta["metadata"]["sdata"] = sdata
+    return data, meta, "shapes"

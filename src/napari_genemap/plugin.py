@@ -22,9 +22,8 @@ def get_reader(path):
 
 
 def read_layers(path) -> list[tuple]:
-    from .infer.rois import roi_layer
     from .io import SlideSource, detect_format, open_image
-    from .layers import pyramid_layer, slide_layers
+    from .layers import pyramid_layer, roi_layer, slide_layers
 
     path = Path(path[0] if isinstance(path, list) else path)
     if detect_format(path) == "image":

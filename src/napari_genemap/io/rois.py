@@ -1,0 +1,285 @@
+"""Reading and writing regions of interest: CSV, .h5ad and the ROI elements of a SpatialData store.
+
+ROIs live in slide pixels (x = column, y = row) as a GeoDataFrame indexed by unique names: circles are
+shapely Points with a ``radius`` column, polygons are Polygons. Their expression table is the one
+`napari_genemap.rois.roi_table` makes (the geometry in µm and in slide pixels in ``obs``):
+
+- CSV: name, kind, x_um, y_um, radius_um (circles), area_um2, then the same in slide pixels (x_px, y_px,
+  radius_px, area_px2), then one column per gene with the protocol-normalised profile: every column
+  says its unit, as the panel shows µm and the geometry lives in pixels. ``genemap aggregate`` and the
+  Spots panel both write it with `write_csv`;
+- .h5ad: the table itself (X protocol-normalised, ``layers["integral"]`` raw-scale, the ROI geometry as
+  WKT in slide pixels in ``obs["geometry_wkt_px"]``);
+- SpatialData: shapes elements ``roi_circles`` (points + ``radius``) and ``roi_polygons`` (one element per
+  geometry type, as spatialdata-plot and napari-spatialdata draw an element by its first geometry's type)
+  and a table ``roi_expression`` annotating both (``region``/``roi_id``), all in ``"global"``; the geometry
+  stays in slide pixels (the canonical form), the table's ``obs`` is the .h5ad's.
+
+A store reopened without a model still shows its saved table (`saved_expression`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ..errors import GenemapInputError
+from .atomic import atomic_file, quiet_zarr
+
+if TYPE_CHECKING:
+    import anndata as ad
+    import geopandas as gpd
+    import spatialdata as sd
+
+ROI_CIRCLES_KEY = "roi_circles"
+ROI_POLYGONS_KEY = "roi_polygons"
+ROI_TABLE_KEY = "roi_expression"
+ROI_KEYS = (ROI_CIRCLES_KEY, ROI_POLYGONS_KEY)
+
+#: the geometry columns of an ROI table and its CSV, units in their names (µm first, as the panel shows)
+UNIT_COLUMNS = ("x_um", "y_um", "radius_um", "area_um2", "x_px", "y_px", "radius_px", "area_px2")
+
+
+def circle_radii(rois: gpd.GeoDataFrame) -> np.ndarray:
+    """The ``radius`` column in slide pixels (NaN for polygons, and for all when there is none)."""
+    return rois["radius"].to_numpy(float) if "radius" in rois else np.full(len(rois), np.nan)
+
+
+# --- CSV and .h5ad -------------------------------------------------------------------------------------------
+def roi_frame(table: ad.AnnData) -> pd.DataFrame:
+    """What the CSV holds: name, kind, the `UNIT_COLUMNS`, then one column per gene (X)."""
+    missing = [column for column in ("kind", *UNIT_COLUMNS) if column not in table.obs]
+    if missing:
+        raise GenemapInputError(f"the ROI table has no {missing[0]!r} column (make it with roi_table)")
+    values = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+    frame = pd.DataFrame(values, columns=table.var_names.astype(str), index=range(table.n_obs))
+    head = pd.DataFrame(
+        {
+            "name": table.obs_names.astype(str),
+            "kind": table.obs["kind"].astype(str).to_numpy(),
+            **{column: table.obs[column].to_numpy(float) for column in UNIT_COLUMNS},
+        }
+    )
+    return pd.concat([head, frame], axis=1)
+
+
+def write_csv(table: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write `roi_frame` (6 significant digits) through a temporary file, so no half-written CSV is left."""
+    return _write_through_temporary(
+        Path(path), lambda target: roi_frame(table).to_csv(target, index=False, float_format="%.6g"), "the CSV"
+    )
+
+
+def write_h5ad(table: ad.AnnData, path: str | os.PathLike) -> Path:
+    """Write the ROI table as .h5ad through a temporary file."""
+    path = Path(path)
+    if path.suffix != ".h5ad":
+        raise GenemapInputError(f"{path}: an AnnData file's name must end in .h5ad")
+    return _write_through_temporary(path, table.write_h5ad, "the AnnData file", suffix=".h5ad")
+
+
+def _write_through_temporary(path: Path, write, what: str, suffix: str = "") -> Path:
+    """``write(temporary)`` then rename onto ``path``: no half-written file is ever left at ``path``."""
+    try:
+        with atomic_file(path, suffix) as temporary:
+            write(temporary)
+    except OSError as error:
+        raise GenemapInputError(f"{path}: cannot write {what} ({error.strerror or error})") from None
+    return path
+
+
+# --- SpatialData ---------------------------------------------------------------------------------------------
+def roi_elements(rois: gpd.GeoDataFrame, table: ad.AnnData) -> tuple[dict, ad.AnnData]:
+    """SpatialData elements for ROIs and their table: shapes by key (circles, polygons; only the kinds
+    present) and the table annotating them (``region``, ``roi_id`` = position in ``rois``)."""
+    import geopandas as gpd
+    import shapely
+    from spatialdata.models import ShapesModel, TableModel
+    from spatialdata.transformations import Identity
+
+    from .canonical import COORDINATE_SYSTEM
+
+    names = np.array([str(name) for name in rois.index], dtype=object)
+    if list(names) != list(table.obs_names.astype(str)):
+        raise GenemapInputError("the ROI table's rows do not match the ROIs (make it with roi_table)")
+    is_circle = np.asarray(shapely.get_type_id(rois.geometry.values) == 0)
+    roi_id = np.arange(len(rois))
+    shapes = {}
+    for key, members in ((ROI_CIRCLES_KEY, is_circle), (ROI_POLYGONS_KEY, ~is_circle)):
+        if not members.any():
+            continue
+        columns = {"name": names[members]}
+        if key == ROI_CIRCLES_KEY:
+            columns["radius"] = circle_radii(rois)[members]
+        frame = gpd.GeoDataFrame(columns, geometry=list(rois.geometry.values[members]), index=roi_id[members])
+        shapes[key] = ShapesModel.parse(frame, transformations={COORDINATE_SYSTEM: Identity()})
+    annotated = table.copy()
+    annotated.obs["region"] = pd.Categorical(
+        np.where(is_circle, ROI_CIRCLES_KEY, ROI_POLYGONS_KEY), categories=list(shapes)
+    )
+    annotated.obs["roi_id"] = roi_id
+    return shapes, TableModel.parse(annotated, region=list(shapes), region_key="region", instance_key="roi_id")
+
+
+def write_spatialdata(
+    rois: gpd.GeoDataFrame, table: ad.AnnData, sdata: sd.SpatialData | None, path: str | os.PathLike
+) -> Path:
+    """Save ROIs and their table as SpatialData at ``path``.
+
+    When ``path`` is the store ``sdata`` was read from (or any existing SpatialData store), the ROI elements
+    go into it (`write_rois_into_store`); otherwise a new store gets the slide ``sdata`` plus the ROIs."""
+    from .store import is_zarr_store, write_store
+
+    path = Path(path)
+    shapes, annotated = roi_elements(rois, table)
+    if is_zarr_store(path):
+        written = write_rois_into_store(path, shapes, annotated)
+        if sdata is not None and sdata.path is not None and Path(sdata.path).resolve() == path.resolve():
+            _replace_in_memory(sdata, shapes, annotated)
+        return written
+    if path.exists():
+        raise GenemapInputError(f"{path}: exists and is not a SpatialData store; choose another path")
+    if sdata is None:
+        raise GenemapInputError(f"{path}: a new store needs the slide (open one first)")
+    import spatialdata as sd
+
+    slide = sd.SpatialData(
+        images=dict(sdata.images),
+        labels=dict(sdata.labels),
+        points=dict(sdata.points),
+        shapes={**{k: v for k, v in sdata.shapes.items() if k not in ROI_KEYS}, **shapes},
+        tables={**{k: v for k, v in sdata.tables.items() if k != ROI_TABLE_KEY}, ROI_TABLE_KEY: annotated},
+        attrs=dict(sdata.attrs),
+    )
+    return write_store(slide, path, overwrite=False)
+
+
+def write_rois_into_store(store: str | os.PathLike, shapes: dict, table: ad.AnnData) -> Path:
+    """Put ROI elements into an existing zarr v3 SpatialData store without ever leaving one half-written.
+
+    The elements are written to a temporary sibling store first; each then replaces its namesake by a
+    directory rename (shapes first, the table that refers to them last), stale ROI elements are moved out,
+    and the store's consolidated metadata is rewritten. spatialdata's ``write_element`` cannot do this: it
+    refuses to overwrite an element of the store it is backed by, and deleting first leaves a gap."""
+    import spatialdata as sd
+    import zarr
+
+    store = Path(store)
+    if not (store / "zarr.json").is_file():
+        raise GenemapInputError(f"{store}: not a zarr v3 SpatialData store; save the ROIs to a new store instead")
+    work = store.with_name(f".{store.name}.rois-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with quiet_zarr():
+            sd.SpatialData(shapes=shapes, tables={ROI_TABLE_KEY: table}).write(work / "new.zarr")
+        retired = work / "retired"
+        retired.mkdir()
+        moves = [("shapes", key) for key in shapes] + [("tables", ROI_TABLE_KEY)]
+        for group, key in moves:
+            target, source = store / group / key, work / "new.zarr" / group / key
+            if not (store / group).is_dir():  # a store without any shapes or tables yet: move the group's zarr.json
+                (store / group).mkdir()
+                shutil.copy2(work / "new.zarr" / group / "zarr.json", store / group / "zarr.json")
+            if target.exists():
+                os.replace(target, retired / f"{group}-{key}")
+            os.replace(source, target)
+        for key in ROI_KEYS:
+            if key not in shapes and (store / "shapes" / key).exists():
+                os.replace(store / "shapes" / key, retired / f"shapes-{key}")
+        with warnings.catch_warnings():
+            # that parquet files are not zarr nodes, and that consolidation is not in the v3 spec (spatialdata uses it)
+            warnings.filterwarnings("ignore", category=UserWarning, module="zarr")
+            zarr.consolidate_metadata(str(store))
+    except OSError as error:
+        raise GenemapInputError(f"{store}: cannot write the ROIs ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return store
+
+
+def _replace_in_memory(sdata, shapes: dict, table) -> None:
+    """Keep an open slide in step with its store after `write_rois_into_store`."""
+    for key in ROI_KEYS:
+        if key in sdata.shapes and key not in shapes:
+            del sdata.shapes[key]
+    if ROI_TABLE_KEY in sdata.tables:
+        del sdata.tables[ROI_TABLE_KEY]
+    for key, element in shapes.items():
+        sdata.shapes[key] = element
+    sdata.tables[ROI_TABLE_KEY] = table
+
+
+def read_rois(sdata: sd.SpatialData) -> tuple[gpd.GeoDataFrame | None, ad.AnnData | None]:
+    """The ROIs a slide holds (as written by `write_spatialdata`, in their original order) and their
+    table in the same order, or (None, None); the table is None when the store has none."""
+    import geopandas as gpd
+
+    parts = []
+    for key in ROI_KEYS:
+        if key in sdata.shapes:
+            element = sdata.shapes[key]
+            names = element["name"].astype(str) if "name" in element else [f"{key} {i}" for i in element.index]
+            part = gpd.GeoDataFrame(
+                {
+                    "kind": "circle" if key == ROI_CIRCLES_KEY else "polygon",
+                    "radius": element["radius"].to_numpy(float) if "radius" in element else np.nan,
+                    "roi_id": np.asarray(element.index),
+                },
+                geometry=list(element.geometry.values),
+                index=pd.Index(list(names), name="roi", dtype=object),
+            )
+            parts.append(part)
+    if not parts:
+        return None, None
+    rois = pd.concat(parts).sort_values("roi_id", kind="stable")
+    table = sdata.tables.get(ROI_TABLE_KEY)
+    if table is not None:
+        table = table[[name for name in rois.index if name in table.obs_names]].copy()
+    return rois.drop(columns="roi_id"), table
+
+
+# --- a store's saved expression ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SavedExpression:
+    """The ROI table a store holds, by ROI name: shown when no model is running to recompute it."""
+
+    genes: list[str]
+    rows: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (X row, integral row)
+    uns: dict
+    source: str  # the store
+    model: str  # which model computed it, in words
+
+    def note(self) -> str:
+        """The status line saying where the values come from."""
+        return (
+            f"showing the saved expression from {Path(self.source).name} ({self.model}); a running model recomputes it"
+        )
+
+
+def saved_expression(sdata: sd.SpatialData) -> SavedExpression | None:
+    """The `roi_expression` table of a slide that holds ROIs (as `write_spatialdata` saves it), or None."""
+    rois, table = read_rois(sdata)
+    if rois is None or table is None or table.n_obs == 0:
+        return None
+    values = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+    values = np.asarray(values, dtype=np.float32)
+    integral = (
+        np.asarray(table.layers["integral"], np.float32) if "integral" in table.layers else np.full_like(values, np.nan)
+    )
+    uns = dict(table.uns.get("genemap") or {})
+    if uns.get("model"):
+        model = f"model {uns['model']}"
+    elif uns.get("model_sha256"):
+        model = f"model sha256 {str(uns['model_sha256'])[:12]}"
+    else:
+        model = "model not recorded"
+    rows = {str(name): (values[i], integral[i]) for i, name in enumerate(table.obs_names)}
+    source = str(sdata.path) if sdata.path is not None else "the slide"
+    return SavedExpression([str(g) for g in table.var_names], rows, uns, source, model)
