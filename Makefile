@@ -19,6 +19,8 @@ demo: system $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests examples benchmarks scripts
 	$(BIN)/ruff format --check src tests examples benchmarks scripts
+	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: system lint
 	$(BIN)/python -m pytest

@@ -33,8 +33,8 @@ def main() -> None:
 
     import torch
 
-    from napari_genemap import rois as R
     from napari_genemap.checkpoints import shipped_checkpoint
+    from napari_genemap.explore import rois as R
     from napari_genemap.infer.aggregate import GeneMapSource, aggregate_circles
     from napari_genemap.infer.engine import TileEngine
     from napari_genemap.infer.predict import EngineSpec

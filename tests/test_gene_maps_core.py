@@ -9,9 +9,9 @@ import pytest
 
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.evaluate.in_view import MIN_SPOTS, InViewPearson, in_view_pearson, spots_in_view
-from napari_genemap.gene_list import gene_order, model_ready_note, no_match_note, search_genes
+from napari_genemap.explore.contrast import view_contrast
+from napari_genemap.explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from napari_genemap.infer.cache import GeneMapCache
-from napari_genemap.infer.contrast import view_contrast
 from napari_genemap.infer.grid import TileGrid
 from napari_genemap.infer.view import CachedLevel, progress_text
 from napari_genemap.layers import (

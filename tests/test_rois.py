@@ -11,10 +11,10 @@ import pytest
 import shapely
 import spatialdata as sd
 
-from napari_genemap import rois as R
-from napari_genemap import roiset
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
+from napari_genemap.explore import rois as R
+from napari_genemap.explore import roiset
 from napari_genemap.infer.aggregate import GeneMapSource, aggregate_shapes
 from napari_genemap.io import read_slide, slide_mpp, write_store
 from napari_genemap.io import rois as roi_io

@@ -9,11 +9,11 @@ import pytest
 
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
+from napari_genemap.explore.rois import ellipse_corners, fill_names, fold_changes, polygon_area, renamed, top_genes
+from napari_genemap.explore.roiset import RoiSet, RoiState
 from napari_genemap.infer.aggregate import GeneMapSource, aggregate_shapes
 from napari_genemap.io import counts_table, slide_mpp
 from napari_genemap.io.rois import SavedExpression, write_csv
-from napari_genemap.rois import ellipse_corners, fill_names, fold_changes, polygon_area, renamed, top_genes
-from napari_genemap.roiset import RoiSet, RoiState
 
 GENES = ("KRT8", "CD74", "FN1")
 PIXEL = 4.0  # slide pixels per map pixel

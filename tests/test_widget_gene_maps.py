@@ -40,7 +40,7 @@ def test_gene_layer_fills_the_view_with_the_engines_values(viewer_with_sample, q
     qtbot.waitUntil(lambda: session.cache is not None, timeout=120_000)
     assert maps.genes.count() == 785
     # measured variance orders the list when the checkpoint records none: the first gene varies most
-    from napari_genemap.layers import log_normalised
+    from napari_genemap.explore.genes import log_normalised
 
     measured = log_normalised(session.slide.tables["counts"]).var(0)
     assert maps.genes.item(0).text() == measured.idxmax()

@@ -11,8 +11,8 @@ import shapely
 from qtpy.QtCore import QPoint, Qt
 from qtpy.QtWidgets import QApplication
 
-from napari_genemap import rois as R
 from napari_genemap.errors import GenemapInputError
+from napari_genemap.explore import rois as R
 from napari_genemap.io import SlideSource, read_slide, slide_mpp, spot_geometry, write_store
 from napari_genemap.io import rois as roi_io
 from napari_genemap.sample import SECTION, read_sample, sample_root

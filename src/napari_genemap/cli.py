@@ -161,9 +161,9 @@ def cmd_predict(args) -> int:
 
 
 def cmd_aggregate(args) -> int:
+    from .explore.rois import circles, roi_table
     from .infer.aggregate import aggregate_circles, read_circles_csv, read_prediction
     from .io.rois import write_csv, write_h5ad
-    from .rois import circles, roi_table
 
     source = read_prediction(args.prediction)
     centers, radii = read_circles_csv(args.circles, source.slide_mpp)

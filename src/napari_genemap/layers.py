@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
+from .explore.genes import log_normalised
 from .io import IMAGE_KEY, SPOTS_KEY, TABLE_KEY, ImagePyramid, SlideSource, image_levels, slide_info, spot_geometry
 
 #: Genes offered as spot colours: the most variable ones (all of them for small panels).
@@ -79,14 +79,6 @@ def pyramid_layer(pyramid: ImagePyramid) -> tuple:
         "metadata": {"genemap": {"element": IMAGE_KEY, "source": str(pyramid.path), "mpp": pyramid.mpp}},
     }
     return [level.transpose(1, 2, 0) for level in pyramid.levels], meta, "image"
-
-
-def log_normalised(table) -> pd.DataFrame:
-    """Counts scaled to 1e4 per spot, then natural log1p: the usual scale for looking at one gene."""
-    counts = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
-    totals = counts.sum(1, keepdims=True)
-    values = np.log1p(counts * (1e4 / np.where(totals == 0, 1, totals)))
-    return pd.DataFrame(values, columns=table.var_names.astype(str), index=table.obs_names.astype(str))
 
 
 def spot_features(table, gene: str | None = None) -> pd.DataFrame:
@@ -234,8 +226,8 @@ def roi_layer_meta(sdata, names: list[str] | tuple[str, ...] = ()) -> dict:
 
 def roi_layer(sdata) -> tuple | None:
     """The ROIs saved in a slide's store as a shapes layer-data tuple, or None when it holds none."""
+    from .explore.rois import shapes_from_rois
     from .io.rois import read_rois
-    from .rois import shapes_from_rois
 
     rois, _ = read_rois(sdata)
     if rois is None:

@@ -2,7 +2,7 @@
 
 ROIs live in slide pixels (x = column, y = row) as a GeoDataFrame indexed by unique names: circles are
 shapely Points with a ``radius`` column, polygons are Polygons. Their expression table is the one
-`napari_genemap.rois.roi_table` makes (the geometry in µm and in slide pixels in ``obs``):
+`napari_genemap.explore.rois.roi_table` makes (the geometry in µm and in slide pixels in ``obs``):
 
 - CSV: name, kind, x_um, y_um, radius_um (circles), area_um2, then the same in slide pixels (x_px, y_px,
   radius_px, area_px2), then one column per gene with the protocol-normalised profile: every column

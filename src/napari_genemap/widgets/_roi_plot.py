@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import GenemapInputError
-from ..rois import fold_changes, top_genes
-from ..roiset import RoiSet
+from ..explore.rois import fold_changes, top_genes
+from ..explore.roiset import RoiSet
 
 TOP_GENES = 15  # bars in the plot
 

@@ -1,7 +1,7 @@
 """Gene maps dock widget: pick genes, show their predicted maps as layers; prediction follows the view.
 
 Displays and forwards: the layers come from `layers` (`gene_map_layer`, `measured_on_map_layer`), the gene
-list from `gene_list`, the contrast from `infer.contrast`, the Pearson in view from `evaluate.in_view`, the
+list from `explore.genes`, the contrast from `explore.contrast`, the Pearson in view from `evaluate.in_view`, the
 tiles to ask for from `infer.view`, and the model runs in the session's tile service. After every camera
 move (throttled) the panel asks for the view's tiles and re-reads contrast and Pearson.
 
@@ -17,8 +17,8 @@ from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QVBoxLayout, QWidget
 
 from ..evaluate.in_view import MIN_SPOTS, InViewPearson, in_view_pearson, spots_in_view
-from ..gene_list import gene_order, model_ready_note, no_match_note, search_genes
-from ..infer.contrast import view_contrast
+from ..explore.contrast import view_contrast
+from ..explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from ..infer.view import progress_text, view_plan
 from ..io import TABLE_KEY
 from ..layers import (

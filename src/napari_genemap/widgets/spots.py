@@ -29,11 +29,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..errors import GenemapInputError
+from ..explore.rois import ellipse_corners, fill_names
+from ..explore.roiset import RoiSet, RoiState
 from ..io import rois as files
 from ..io.store import is_zarr_store
 from ..layers import HE, ROIS, find_layers, roi_layer_meta
-from ..rois import ellipse_corners, fill_names
-from ..roiset import RoiSet, RoiState
 from ._napari_hooks import cleanup, click_adder, layer_undo, weak_call
 from ._qt import connect_session, wrapped_label
 from ._roi_plot import draw_roi_plot

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .errors import GenemapInputError
-from .io.rois import circle_radii
+from ..errors import GenemapInputError
+from ..io.rois import circle_radii
 
 if TYPE_CHECKING:
     import anndata as ad

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -21,8 +22,6 @@ def gene_order(card: dict, counts: ad.AnnData | None = None) -> list[str]:
     genes = list(card["genes"])
     variance = card.get("gene_variance")
     if variance is None and counts is not None:
-        from .layers import log_normalised
-
         measured = log_normalised(counts).var(0)
         variance = [float(measured.get(gene, -1.0)) for gene in genes]
     if variance is None:
@@ -62,3 +61,11 @@ def model_ready_note(model: str, n_genes: int, rebuilt: Sequence[str], dropped: 
     if dropped:
         note += f"; removed {', '.join(dropped)} (not among this model's genes)"
     return note
+
+
+def log_normalised(table) -> pd.DataFrame:
+    """Counts scaled to 1e4 per spot, then natural log1p: the usual scale for looking at one gene."""
+    counts = table.X.toarray() if hasattr(table.X, "toarray") else np.asarray(table.X)
+    totals = counts.sum(1, keepdims=True)
+    values = np.log1p(counts * (1e4 / np.where(totals == 0, 1, totals)))
+    return pd.DataFrame(values, columns=table.var_names.astype(str), index=table.obs_names.astype(str))

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .errors import GenemapInputError
-from .io.rois import SavedExpression
+from ..errors import GenemapInputError
+from ..io.rois import SavedExpression
 from .rois import circle_from_ellipse, polygon_area, renamed, roi_kind, roi_table, rois_from_shapes
 
 if TYPE_CHECKING:
