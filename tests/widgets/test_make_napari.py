@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 240  # napari start + the model's load, on two loaded cores
 ORPHAN_TIMEOUT_S = 5  # the service checks its parent every 0.5 s
 
