@@ -137,7 +137,7 @@ def cmd_predict(args) -> int:
         halo=args.halo,
         device=args.device,
     )
-    bars = []  # the bar appears with the first finished task, so an early error stays one line
+    bars: list[tqdm] = []  # the bar appears with the first finished task, so an early error stays one line
 
     def progress(done: int, total: int, message: str) -> None:
         if not bars:

@@ -77,9 +77,9 @@ def in_view_pearson(
     """Correlate the map's spot integrals ``predicted`` (rows named by spot; None when none came back) with
     the measured ``counts`` of the same spots, normalised by ``protocol``; ``n``: spots in view."""
     k = 0 if predicted is None else predicted.n_obs
-    if n < MIN_SPOTS or k < MIN_SPOTS:
+    if predicted is None or n < MIN_SPOTS or k < MIN_SPOTS:
         return InViewPearson(gene, None, k, n, protocol.name)
     measured = protocol.transform(counts[list(predicted.obs_names)])[:, protocol.genes.index(gene)]
-    prediction = np.asarray(predicted[:, gene].X, float).reshape(-1, 1)
+    prediction = np.asarray(predicted[:, gene].X, dtype=np.float64).reshape(-1, 1)
     r = float(pearson_per_gene(prediction, measured.reshape(-1, 1))[0])
     return InViewPearson(gene, None if np.isnan(r) else r, k, n, protocol.name)

@@ -51,7 +51,7 @@ def summarise_unit(prediction: np.ndarray, truth: np.ndarray, nan_policy: NanPol
     undefined = np.isnan(pcc)
     used = np.where(undefined, 0.0, pcc) if nan_policy == "zero" else pcc[~undefined]
     error = np.asarray(prediction, dtype=np.float64) - np.asarray(truth, dtype=np.float64)
-    row = {"n_spots": len(truth), "n_genes": pcc.size, "n_undefined": int(undefined.sum())}
+    row: dict[str, float] = {"n_spots": len(truth), "n_genes": pcc.size, "n_undefined": int(undefined.sum())}
     if used.size:
         row.update({"PCC@F": np.quantile(used, 0.25), "PCC@S": np.median(used), "PCC@M": used.mean()})
     else:
@@ -107,13 +107,13 @@ def evaluate(
         raise GenemapInputError(f"nan_policy {nan_policy!r}; expected 'omit' or 'zero'")
     if not np.all(np.isfinite(prediction)):
         raise GenemapInputError("prediction contains NaN or infinite values")
-    sections = np.asarray(["all"] * len(truth) if sections is None else sections, dtype=object)
-    if len(sections) != len(truth):
-        raise GenemapInputError(f"{len(sections)} section labels for {len(truth)} spots")
-    units = ["all"] if pooling == "pooled" else list(pd.unique(sections))
+    labels = np.asarray(["all"] * len(truth) if sections is None else sections, dtype=object)
+    if len(labels) != len(truth):
+        raise GenemapInputError(f"{len(labels)} section labels for {len(truth)} spots")
+    units = ["all"] if pooling == "pooled" else list(pd.unique(labels))
     rows, per_gene = {}, {}
     for unit in units:
-        mask = np.ones(len(truth), bool) if pooling == "pooled" else sections == unit
+        mask = np.ones(len(truth), bool) if pooling == "pooled" else labels == unit
         rows[unit] = summarise_unit(prediction[mask], truth[mask], nan_policy)
         per_gene[unit] = pearson_per_gene(prediction[mask], truth[mask])
     summary = pd.DataFrame.from_dict(rows, orient="index")[SUMMARY_COLUMNS]

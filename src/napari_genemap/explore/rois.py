@@ -155,17 +155,17 @@ def check_names(names: Sequence[str]) -> None:
 def fill_names(names: Sequence[str | None]) -> list[str]:
     """``names`` with each empty or repeated one (after its first use) replaced by the next free "ROI n",
     counting on from the largest n taken."""
-    names = ["" if pd.isna(name) else str(name) for name in names]
-    bad = [not name.strip() or name in names[:position] for position, name in enumerate(names)]
-    taken = {name for name, is_bad in zip(names, bad) if not is_bad}
+    filled = ["" if pd.isna(name) else str(name) for name in names]
+    bad = [not name.strip() or name in filled[:position] for position, name in enumerate(filled)]
+    taken = {name for name, is_bad in zip(filled, bad) if not is_bad}
     numbers = [name.removeprefix(NAME_PREFIX) for name in taken if name.startswith(NAME_PREFIX)]
     number = max((int(n) for n in numbers if n.isdigit()), default=0)
     for position in [p for p, is_bad in enumerate(bad) if is_bad]:
         number += 1
         while f"{NAME_PREFIX}{number}" in taken:
             number += 1
-        names[position] = f"{NAME_PREFIX}{number}"
-    return names
+        filled[position] = f"{NAME_PREFIX}{number}"
+    return filled
 
 
 def renamed(names: Sequence[str], row: int, name: str) -> list[str]:

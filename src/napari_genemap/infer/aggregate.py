@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -86,7 +87,7 @@ def read_prediction(path: str | os.PathLike) -> GeneMapSource:
         read_total = lambda i0, i1, j0, j1: np.asarray(total[:, i0:i1, j0:j1])  # noqa: E731
     return GeneMapSource(
         read=lambda i0, i1, j0, j1, genes: np.asarray(data[genes, i0:i1, j0:j1]),
-        shape=tuple(int(s) for s in data.shape[1:]),
+        shape=(int(data.shape[1]), int(data.shape[2])),
         genes=genes,
         pixel_size=float(prediction["map_pixel_size"]),
         protocol=protocol,
@@ -128,7 +129,8 @@ def aggregate_circles(
     left = np.clip(np.floor(map_centers[:, 0] - map_radii), 0, width).astype(int)
     right = np.clip(np.ceil(map_centers[:, 0] + map_radii), 0, width).astype(int)
     integral = np.zeros((len(radii), len(source.genes)), np.float64)
-    total = np.zeros((len(radii), 1), np.float64) if source.read_total is not None else None
+    read_total = source.read_total
+    total = np.zeros((len(radii), 1), np.float64) if read_total is not None else None
     # circles near each other share a read: group them by a coarse block of the map
     block = 128
     keys = (top // block) * (width // block + 1) + left // block
@@ -143,8 +145,8 @@ def aggregate_circles(
                 region = torch.from_numpy(np.asarray(source.read(i0, i1, j0, j1, genes), dtype=np.float32))
                 values = aggregate_disks(region, local, torch.from_numpy(map_radii[members]), stride=1.0)
                 integral[members, genes] = values.double().numpy()
-            if total is not None:
-                region = torch.from_numpy(np.asarray(source.read_total(i0, i1, j0, j1), dtype=np.float32))
+            if total is not None and read_total is not None:
+                region = torch.from_numpy(np.asarray(read_total(i0, i1, j0, j1), dtype=np.float32))
                 total[members] = aggregate_disks(region, local, torch.from_numpy(map_radii[members])).double().numpy()
         if progress is not None:
             progress(number, len(groups), f"{number}/{len(groups)} groups of circles")
@@ -158,7 +160,8 @@ def aggregate_polygons(source: GeneMapSource, polygons: Sequence, names: Sequenc
     import shapely.affinity
 
     integral = np.zeros((len(polygons), len(source.genes)), np.float64)
-    total = np.zeros((len(polygons), 1), np.float64) if source.read_total is not None else None
+    read_total = source.read_total
+    total = np.zeros((len(polygons), 1), np.float64) if read_total is not None else None
     centers = np.zeros((len(polygons), 2))
     areas = np.zeros(len(polygons))
     scale = source.pixel_size
@@ -186,8 +189,8 @@ def aggregate_polygons(source: GeneMapSource, polygons: Sequence, names: Sequenc
         for genes in _gene_chunks(len(source.genes), weights.size):
             region = np.asarray(source.read(i0, i1, j0, j1, genes), dtype=np.float32)
             integral[index, genes] = np.tensordot(region, weights, axes=([1, 2], [0, 1]))
-        if total is not None:
-            region = np.asarray(source.read_total(i0, i1, j0, j1), dtype=np.float32)
+        if total is not None and read_total is not None:
+            region = np.asarray(read_total(i0, i1, j0, j1), dtype=np.float32)
             total[index] = np.tensordot(region, weights, axes=([1, 2], [0, 1]))
     columns = {"area": areas, "area_um2": areas * source.slide_mpp**2}
     return _roi_table(source, integral, centers, names, columns, total)
@@ -259,8 +262,8 @@ def predict_measured_spots(
     from ..io import counts_table, slide_mpp, spot_geometry
     from .engine import TileEngine
 
-    sizes = {key: value for key, value in {"tile": tile, "halo": halo}.items() if value is not None}
-    engine = TileEngine(loaded, sdata, cache_root, **sizes)
+    sizes: dict[str, Any] = {key: value for key, value in {"tile": tile, "halo": halo}.items() if value is not None}
+    engine = TileEngine(loaded, sdata, Path(cache_root), **sizes)
     try:
         centers, radii = spot_geometry(sdata)
         source = GeneMapSource.from_engine(engine, slide_mpp(sdata))

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from ..device import DEVICES
 from ..errors import GenemapInputError
@@ -208,7 +209,7 @@ def stage_named(command: str) -> TrainingStage:
     raise GenemapInputError(f"no training stage {command!r}; expected one of {[s.command for s in STAGES]}")
 
 
-def stage_runner(stage: TrainingStage) -> tuple[type, Callable[..., dict]]:
+def stage_runner(stage: TrainingStage) -> tuple[Any, Callable[..., dict]]:
     """The stage's config class and training function, imported now (torch comes with the function)."""
     return import_object(stage.config_class), import_object(stage.run)
 

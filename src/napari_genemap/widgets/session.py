@@ -19,6 +19,8 @@ from ..checkpoints import shipped_checkpoint
 from ..errors import GenemapInputError
 
 if TYPE_CHECKING:
+    from ..infer.cache import GeneMapCache
+    from ..infer.service import TileService
     from ..io.read import SlideSource
 
 _SESSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -46,8 +48,8 @@ class Session:
         self.slide_source: SlideSource | None = None  # how the service reads the slide again
         self.checkpoint: Path = shipped_checkpoint()
         self.device = "auto"
-        self.service = None
-        self.cache = None
+        self.service: TileService | None = None
+        self.cache: GeneMapCache | None = None
         self._callbacks: dict[int, Callable] = {}
         self.timer = None  # the Qt timer polling this session (set by the widgets)
 
