@@ -15,11 +15,11 @@ the scale it was judged on. The published protocols:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib.resources import files
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import numpy as np
 
@@ -27,9 +27,12 @@ from ..errors import GenemapInputError
 
 if TYPE_CHECKING:
     import anndata as ad
+    import torch
 
 PROTOCOL_FORMAT = 1
 LogBase = Literal["log10", "ln"]
+# normalise works on numpy arrays and on torch tensors (training losses), returning the same kind.
+_Values = TypeVar("_Values", np.ndarray, "torch.Tensor")
 
 
 @cache
@@ -73,7 +76,7 @@ class Protocol:
         subset = adata[:, list(self.genes)].X
         return np.asarray(subset.toarray() if hasattr(subset, "toarray") else subset, dtype=np.float64)
 
-    def normalise(self, raw: np.ndarray, total: np.ndarray | None = None, genes: Sequence[str] | None = None):
+    def normalise(self, raw: _Values, total: _Values | None = None, genes: Sequence[str] | None = None) -> _Values:
         """Raw-scale values (spots, genes) -> protocol values; works on numpy arrays and torch tensors.
 
         ``genes`` names the columns when they are a subset of the protocol's genes; then ``total`` (spots,)
@@ -89,7 +92,8 @@ class Protocol:
             raise GenemapInputError(f"protocol {self.name!r}: a subset of genes needs each spot's total")
         values = raw
         if self.target_sum is not None:
-            total = values.sum(-1, keepdims=True) if total is None else total.reshape(*total.shape, 1)
+            # torch accepts numpy's keepdims= as an alias at runtime; its stubs only know keepdim=
+            total = values.sum(-1, keepdims=True) if total is None else total.reshape(*total.shape, 1)  # type: ignore[call-overload]
             scale = self.target_sum / (total + (total == 0))
             values = values * scale
         if isinstance(values, np.ndarray):
@@ -149,7 +153,7 @@ def hest(training: Iterable[ad.AnnData], n_genes: int = 50) -> Protocol:
     return Protocol("hest", tuple(genes[i] for i in order), target_sum=None, log="ln")
 
 
-PROTOCOLS = {"hist2st": hist2st, "triplex": triplex, "hest": hest}
+PROTOCOLS: dict[str, Callable[..., Protocol]] = {"hist2st": hist2st, "triplex": triplex, "hest": hest}
 
 
 def get_protocol(name: str, training: Sequence[ad.AnnData] | None = None) -> Protocol:

@@ -24,12 +24,17 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import GenemapInputError
 from .grid import TileGrid
+
+if TYPE_CHECKING:
+    import zarr
 
 CACHE_FORMAT = 3  # 2: the grid in the attributes (viewers open a store without the model); 3: done markers, tissue
 DTYPE = "float16"
@@ -100,7 +105,7 @@ class GeneMapCache:
             self._create(value, tissue)
             group = zarr.open_group(self.path, mode="r+")
         self.group = group
-        self.arrays = [group[f"level{level}"] for level in range(levels)]
+        self.arrays = [_array(group, f"level{level}") for level in range(levels)]
         self._tissue: list[np.ndarray] | None = None  # every level's mask, read on first use
         self._tissue_read = False
 
@@ -113,14 +118,15 @@ class GeneMapCache:
         path = Path(path)
         try:
             group = zarr.open_group(path, mode="r")
-            value, genes, levels, grid = (group.attrs[key] for key in ("signature", "genes", "levels", "grid"))
+            attrs: Mapping[str, Any] = group.attrs  # the JSON _fill wrote
+            value, genes, levels, grid = (attrs[key] for key in ("signature", "genes", "levels", "grid"))
         except (FileNotFoundError, KeyError, ValueError) as error:
             raise GenemapInputError(f"{path}: not a gene-map cache ({type(error).__name__}: {error})") from None
         self = cls.__new__(cls)
         self.grid = TileGrid(**grid)
         self.genes, self.n_levels, self.signature = list(genes), int(levels), value
         self.digest, self.path, self.group = signature_hash(value), path, group
-        self.arrays = [group[f"level{level}"] for level in range(self.n_levels)]
+        self.arrays = [_array(group, f"level{level}") for level in range(self.n_levels)]
         self._tissue, self._tissue_read = None, False
         return self
 
@@ -175,14 +181,14 @@ class GeneMapCache:
         self._marker(level, row, column).touch()
 
     def read(self, level: int, i0: int, i1: int, j0: int, j1: int, genes=slice(None)) -> np.ndarray:
-        return self.arrays[level][genes, i0:i1, j0:j1]
+        return np.asarray(self.arrays[level][genes, i0:i1, j0:j1])  # already numpy: asarray only types it
 
     def tissue(self, level: int) -> np.ndarray | None:
         """Bool mask of ``level``'s map pixels (True = tissue; a coarser pixel is tissue if any of its 2 x 2
         is), or None when the store has no mask (everything is shown)."""
         if not self._tissue_read:
             if "tissue" in self.group:
-                masks = [np.asarray(self.group["tissue"][...], bool)]
+                masks = [np.asarray(_array(self.group, "tissue")[...], bool)]
                 for _ in range(1, self.n_levels):
                     masks.append(any_downsample(masks[-1]))
                 self._tissue = masks
@@ -197,9 +203,19 @@ class GeneMapCache:
         return self.grid.tile_counts(level)
 
 
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of a cache store (a group there means the store is not one of ours)."""
+    import zarr
+
+    array = group[name]
+    if not isinstance(array, zarr.Array):
+        raise GenemapInputError(f"{group.store}: {name!r} is a group; expected an array")
+    return array
+
+
 def any_downsample(mask: np.ndarray) -> np.ndarray:
     """2 x 2 "any" of a bool mask; an odd last row or column uses the pixels that exist."""
     height, width = mask.shape
     padded = np.zeros((height + height % 2, width + width % 2), bool)
     padded[:height, :width] = mask
-    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).any((1, 3))
+    return np.asarray(padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).any((1, 3)))

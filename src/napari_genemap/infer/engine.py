@@ -13,7 +13,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -163,6 +163,7 @@ class TileEngine:
         factor = model.mpp / self.slide_mpp
         self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
+        self.mask: np.ndarray | None
         self.mask, self.mask_scale = tissue_mask(levels, scales, self.slide_mpp) if skip_background else (None, 1.0)
         tissue = None if self.mask is None else map_tissue(self.mask, self.mask_scale, self.grid)
         levels_count = self.grid.levels(min_level_side)
@@ -274,21 +275,27 @@ class TileEngine:
         """Float32 level-0 values of tiles, straight from the model (no cache): (genes, h, w) each."""
         return {t: v for batch, density in self._predict_batches(tiles) for t, v in zip(batch, density, strict=True)}
 
-    def _predict_batches(self, tiles: list[Tile], cancel: Callable[[], bool] | None = None):
+    def _predict_batches(
+        self, tiles: list[Tile], cancel: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[list[Tile], list[np.ndarray]]]:
         """Yield (tiles, their valid values) batch by batch, keeping the model busy: while the caller
         handles batch k (writes it), the model runs batch k + 1 and the readers prepare batch k + 2."""
         batches = [tiles[i : i + self.batch_size] for i in range(0, len(tiles), self.batch_size)]
         if not batches:
             return
-        reads = [self._readers.submit(self._windows, batch) for batch in batches[:2]]
-        running = self.owner.submit(reads[0].result())
+        reads: list[Future[np.ndarray] | None] = [self._readers.submit(self._windows, b) for b in batches[:2]]
+        first = reads[0]
+        assert first is not None  # just submitted
+        running = self.owner.submit(first.result())
         start, _ = self.grid.valid_in_output()
         for index, batch in enumerate(batches):
             if cancel is not None and cancel():
                 raise InterruptedError("prediction cancelled")
             density = running.result()
             if index + 1 < len(batches):
-                running = self.owner.submit(reads[index + 1].result())
+                following = reads[index + 1]
+                assert following is not None  # only reads before index + 1 have been freed
+                running = self.owner.submit(following.result())
                 if index + 2 < len(batches):
                     reads.append(self._readers.submit(self._windows, batches[index + 2]))
             values = []

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ..errors import GenemapInputError
 from .grid import DEFAULT_HALO, DEFAULT_TILE
@@ -86,7 +87,8 @@ def _predict_tiles_on_worker(tiles: list[tuple[int, int]]) -> int:
     """Runs on a worker: fill these level-0 tiles; returns how many the model actually predicted."""
     from distributed import get_worker
 
-    engine = get_worker().plugins[PLUGIN_NAME].engine
+    plugin: Any = get_worker().plugins[PLUGIN_NAME]  # the EnginePlugin (a local class) _engine_plugin makes
+    engine = plugin.engine
     before = engine.stats["predicted"]
     engine.ensure(0, [tuple(t) for t in tiles])
     logger.debug("predicted %d of tiles %s", engine.stats["predicted"] - before, tiles)

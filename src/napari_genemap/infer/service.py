@@ -180,7 +180,7 @@ class TileService:
     # --- requests ----------------------------------------------------------------------------------------
     def want(self, tiles: list[TileKey]) -> None:
         """Replace the queue of wanted tiles (highest priority first)."""
-        self._link.outbox.put(Want(tuple(tuple(int(v) for v in t) for t in tiles)))
+        self._link.outbox.put(Want(tuple((int(level), int(row), int(column)) for level, row, column in tiles)))
 
     def pause(self, paused: bool) -> None:
         self._link.outbox.put(Pause(bool(paused)))
@@ -252,6 +252,7 @@ class _Link:
             stdin=subprocess.PIPE,
             env=_child_environment(),
         )
+        assert self.process.stdin is not None  # stdin=subprocess.PIPE
         with contextlib.suppress(OSError):  # a child that died at once is reported by poll()
             self.process.stdin.write(authkey.hex().encode() + b"\n")
             self.process.stdin.close()

@@ -41,7 +41,8 @@ class ImagePyramid:
     @property
     def shape(self) -> tuple[int, int]:
         """(height, width) of level 0 in pixels."""
-        return tuple(int(s) for s in self.levels[0].shape[1:])
+        _, height, width = self.levels[0].shape  # levels are (channels, y, x)
+        return int(height), int(width)
 
     @property
     def downsamples(self) -> list[float]:
@@ -220,7 +221,7 @@ def _open_tiff(path: Path) -> ImagePyramid:
     weakref.finalize(store, tif.close)
     arrays = [group] if isinstance(group, zarr.Array) else [group[str(i)] for i in range(len(shapes))]
     levels = [_to_cyx(da.from_zarr(array), axes, path) for array in arrays]
-    metadata = {"format": "TIFF", "axes": axes}
+    metadata: dict = {"format": "TIFF", "axes": axes}
     if len(levels) == 1:
         levels = _downsampled_levels(levels[0].rechunk((3, CHUNK, CHUNK)))
         metadata["downsamples"] = [2.0**k for k in range(len(levels))]

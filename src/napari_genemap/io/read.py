@@ -78,6 +78,8 @@ def read_slide(path: str | os.PathLike, *, section: str | None = None, mpp: floa
         return read_her2st(path, section, mpp=mpp)
     if fmt in ("her2st", "legacy_st"):
         files = legacy_st_files(path)
+        if files is None:  # detect_format found them; they went away since
+            raise GenemapInputError(f"{path}: its counts and alignment files are gone")
         return read_legacy_st(
             files["image"],
             files["counts"],

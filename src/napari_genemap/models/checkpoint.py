@@ -14,12 +14,12 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
 from ..io.atomic import atomic_dir
-from .registry import DEFAULT_MODEL, model_class, model_name
+from .registry import DEFAULT_MODEL, ModelConfig, model_class, model_name
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
     import torch
@@ -50,7 +50,8 @@ class GeneMapModel:
 
     @property
     def stride(self) -> int:
-        return self.model.stride
+        # every registered model class has an int ``stride``; nn.Module's attribute typing cannot say so
+        return cast(int, self.model.stride)
 
 
 def save_checkpoint(
@@ -71,8 +72,9 @@ def save_checkpoint(
 
     from .. import __version__
 
-    if protocol.n_genes != model.config.n_genes:
-        raise GenemapInputError(f"protocol has {protocol.n_genes} genes; the model predicts {model.config.n_genes}")
+    architecture = cast(ModelConfig, model.config)  # what a registered model class carries (registry docstring)
+    if protocol.n_genes != architecture.n_genes:
+        raise GenemapInputError(f"protocol has {protocol.n_genes} genes; the model predicts {architecture.n_genes}")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     config = {
@@ -80,7 +82,7 @@ def save_checkpoint(
         "format_version": FORMAT_VERSION,
         "package_version": __version__,
         "model_class": model_name(type(model)),
-        "architecture": model.config.to_dict(),
+        "architecture": architecture.to_dict(),
         "genes": list(protocol.genes),
         "protocol": protocol.to_dict(),
         "mpp": float(mpp),

@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ..errors import GenemapInputError
+
+if TYPE_CHECKING:
+    from timm.models import FeatureInfo
 
 # Input normalisation each family was trained with.
 _EFFICIENTNET_LITE_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -36,6 +40,9 @@ class EncoderConfig:
 class Encoder(nn.Module):
     """RGB in [0, 1] (batch, 3, H, W) -> feature maps at strides 2, 4, 8, 16, 32."""
 
+    mean: torch.Tensor  # buffers registered in __init__
+    std: torch.Tensor
+
     def __init__(self, config: EncoderConfig, load_weights: bool = True):
         super().__init__()
         import timm
@@ -45,8 +52,10 @@ class Encoder(nn.Module):
             self.backbone = timm.create_model(config.name, features_only=True, pretrained=False)
         except RuntimeError as error:  # timm's "Unknown model"
             raise GenemapInputError(f"encoder {config.name!r}: not a timm model ({error})") from None
-        self.channels: list[int] = self.backbone.feature_info.channels()
-        self.reductions: list[int] = self.backbone.feature_info.reduction()
+        # a features_only model carries timm's FeatureInfo; statically it is an nn.Module attribute
+        feature_info = cast("FeatureInfo", self.backbone.feature_info)
+        self.channels: list[int] = feature_info.channels()
+        self.reductions: list[int] = feature_info.reduction()
         mean, std = config.normalisation()
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)

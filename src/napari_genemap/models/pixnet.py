@@ -216,6 +216,8 @@ class PixNet(nn.Module):
 
         The protocol loss cannot see the map's absolute scale, so starting near it saves many steps.
         """
-        density = torch.as_tensor(density, dtype=self.head.bias.dtype).clamp(min=1e-6)
-        self.head.bias.copy_(density + torch.log(-torch.expm1(-density)))  # softplus^-1
+        bias = self.head.bias
+        assert bias is not None  # the head is built with a bias
+        density = torch.as_tensor(density, dtype=bias.dtype).clamp(min=1e-6)
+        bias.copy_(density + torch.log(-torch.expm1(-density)))  # softplus^-1
         self.head.weight.mul_(0.1)

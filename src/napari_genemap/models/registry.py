@@ -9,6 +9,7 @@ only when it builds one. A registered class provides ``config_class`` (with ``fr
 from __future__ import annotations
 
 import importlib
+from typing import Any, Protocol
 
 from ..errors import GenemapInputError
 
@@ -17,6 +18,15 @@ INPUT_MULTIPLE = 32  # a model's input sides are multiples of this: PixNet's dee
 DEFAULT_MODEL = "PixNet"  # what a checkpoint without "model_class" holds (those saved before the key)
 
 MODELS: dict[str, str] = {"PixNet": "napari_genemap.models.pixnet:PixNet"}
+
+
+class ModelConfig(Protocol):
+    """What a registered class's ``config`` (built by its ``config_class``) provides."""
+
+    @property
+    def n_genes(self) -> int: ...
+
+    def to_dict(self) -> dict: ...
 
 
 def register_model(name: str, path: str) -> None:
@@ -32,7 +42,7 @@ def import_object(path: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-def model_class(name: str) -> type:
+def model_class(name: str) -> type[Any]:
     """The class registered under ``name``; a one-line error for an unknown one."""
     if name not in MODELS:
         raise GenemapInputError(f"model class {name!r} is not registered; expected one of {sorted(MODELS)}")

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data.protocols import Protocol
 from ..data.windows import TrainingSlide, crop
@@ -33,7 +34,7 @@ def spot_crops(slide: TrainingSlide, size: int) -> np.ndarray:
 def _dihedral(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     out = np.empty_like(crops)
     for index, one in enumerate(crops):
-        one = np.rot90(one, rng.integers(4), axes=(1, 2))
+        one = np.rot90(one, int(rng.integers(4)), axes=(1, 2))
         out[index] = one[:, :, ::-1] if rng.random() < 0.5 else one
     return out
 
@@ -49,7 +50,7 @@ def train_crop_regressor(
     encoder: EncoderConfig | None = None,
     seed: int = 0,
     device: str | torch.device = "cpu",
-    validation: list[TrainingSlide] = (),
+    validation: Sequence[TrainingSlide] = (),
     eval_every: int = 100,
     cancel: Callable[[], bool] | None = None,
 ) -> CropRegressor:
@@ -63,7 +64,9 @@ def train_crop_regressor(
     targets = torch.from_numpy(np.concatenate([s.targets for s in slides]))
     model = CropRegressor(protocol.n_genes, encoder).to(device)
     with torch.no_grad():
-        model.head[1].bias.copy_(targets.mean(0))
+        linear = model.head[1]
+        assert isinstance(linear, nn.Linear)  # CropRegressor's head: dropout, then the linear layer
+        linear.bias.copy_(targets.mean(0))
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = warmup_cosine(optimiser, steps)
     best, best_state = -np.inf, None

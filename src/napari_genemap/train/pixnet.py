@@ -221,6 +221,7 @@ def _resume_point(config: TrainConfig, protocol: Protocol | None):
     """The checkpoint to continue from and its step; a clear error when it cannot be continued."""
     from ..models.checkpoint import load_checkpoint
 
+    assert config.resume is not None  # called only when resuming
     loaded = load_checkpoint(config.resume)
     step = loaded.metrics.get("step")
     if not isinstance(step, int) or step < 0:

@@ -14,11 +14,13 @@ def connect_session(viewer) -> Session:
     """The viewer's session, polled on the GUI thread by one timer (started by the first widget)."""
     session = session_for(viewer)
     if session.timer is None:
-        session.timer = QTimer()
-        session.timer.setInterval(POLL_MS)
-        session.timer.timeout.connect(session.poll)
-        session.timer.start()
-        QApplication.instance().aboutToQuit.connect(session.close)
+        session.timer = timer = QTimer()
+        timer.setInterval(POLL_MS)
+        timer.timeout.connect(session.poll)
+        timer.start()
+        app = QApplication.instance()
+        assert app is not None  # widgets exist, so the application does
+        app.aboutToQuit.connect(session.close)
     return session
 
 

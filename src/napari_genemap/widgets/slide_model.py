@@ -207,6 +207,7 @@ class SlideModelWidget(QWidget):
             if error is not None:
                 self.slide_info.setText(f"error: {error}")
                 return
+            assert layer_data is not None  # read() returns layers whenever it returns no error
             for data, meta, kind in layer_data:
                 self.viewer.add_layer(Layer.create(data, meta, kind))
 

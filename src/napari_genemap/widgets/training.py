@@ -66,7 +66,7 @@ class TrainingWidget(QWidget):
         self._stderr: collections.deque[str] = collections.deque(maxlen=50)
         self._config_dir: Path | None = None
         self._cancelled = False
-        self._setting_widgets: dict[str, QWidget] = {}
+        self._setting_widgets: dict[str, QComboBox | QSpinBox | QLineEdit] = {}
 
         layout = scrolled_layout(self)
         self.stage_box = QComboBox()
@@ -245,7 +245,7 @@ class TrainingWidget(QWidget):
 
     def settings(self) -> dict:
         """The stage's settings as the form holds them (checked when a run starts)."""
-        values = {}
+        values: dict[str, int | str] = {}
         for name, widget in self._setting_widgets.items():
             if isinstance(widget, QSpinBox):
                 values[name] = widget.value()
@@ -321,13 +321,14 @@ class TrainingWidget(QWidget):
     def _read_stdout(self) -> None:
         if self.process is None:
             return
-        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", errors="replace")
+        # QByteArray converts with bytes() at runtime; the Qt stubs do not declare __bytes__
+        text = bytes(self.process.readAllStandardOutput()).decode("utf-8", errors="replace")  # type: ignore[call-overload]
         self._show_events(self.history.feed(text))
 
     def _read_stderr(self) -> None:
         if self.process is None:
             return
-        text = bytes(self.process.readAllStandardError()).decode("utf-8", errors="replace")
+        text = bytes(self.process.readAllStandardError()).decode("utf-8", errors="replace")  # type: ignore[call-overload]
         self._stderr.extend(line.rstrip() for line in text.splitlines() if line.strip())
 
     def _show_events(self, events: list[dict]) -> None:
@@ -367,6 +368,7 @@ class TrainingWidget(QWidget):
         done = self.history.done
         checkpoint = done.get("checkpoint") if done else None
         if checkpoint:
+            assert done is not None  # the checkpoint came from it
             self.last_checkpoint = Path(checkpoint)
             step = self.history.saved_steps[-1] if self.history.saved_steps else "?"
             verb = "cancelled" if done.get("cancelled") else "finished"
@@ -442,7 +444,7 @@ class TrainingWidget(QWidget):
             self.out_edit.setText(path)
 
 
-def _setting_widget(setting: Setting) -> QWidget:
+def _setting_widget(setting: Setting) -> QComboBox | QSpinBox | QLineEdit:
     if setting.choices:
         box = QComboBox()
         box.addItems(setting.choices)
