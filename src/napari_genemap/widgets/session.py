@@ -19,6 +19,8 @@ from ..checkpoints import shipped_checkpoint
 from ..errors import GenemapInputError
 
 if TYPE_CHECKING:
+    from qtpy.QtCore import QTimer
+
     from ..infer.cache import GeneMapCache
     from ..infer.service import TileService
     from ..io.read import SlideSource
@@ -51,7 +53,7 @@ class Session:
         self.service: TileService | None = None
         self.cache: GeneMapCache | None = None
         self._callbacks: dict[int, Callable] = {}
-        self.timer = None  # the Qt timer polling this session (set by the widgets)
+        self.timer: QTimer | None = None  # the Qt timer polling this session (set by the widgets)
 
     # --- choices -----------------------------------------------------------------------------------------
     def set_slide(self, sdata, source: SlideSource) -> None:
