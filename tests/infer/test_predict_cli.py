@@ -48,6 +48,7 @@ def spots_csv(path: Path, radius_column: str = "radius") -> tuple[np.ndarray, np
     return centers, radii
 
 
+@pytest.mark.slow
 def test_predict_then_aggregate_at_the_measured_spots(tmp_path, checkpoint, capsys):
     out = tmp_path / "pred.zarr"
     args = ["predict", str(IMAGE), "--out", str(out), "--model", str(checkpoint), "--tile", "128", "--halo", "64"]
@@ -114,6 +115,7 @@ def _shards(cache: Path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_killed_prediction_resumes_without_recomputing(tmp_path, checkpoint):
     """Kill ``genemap predict`` mid-run (SIGKILL, workers included), rerun: no tile twice, same maps."""
     cache = tmp_path / "cache"

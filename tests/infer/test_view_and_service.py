@@ -44,6 +44,7 @@ def test_view_plan_orders_view_then_ring_then_coarser(tmp_path):
     assert view_plan(cache, 0, (-50, -10, -50, -10), ring=0) == []  # a view beside the map wants nothing
 
 
+@pytest.mark.slow
 def test_service_predicts_what_is_wanted_and_aggregates(sample_slide, tmp_path):
     import geopandas as gpd
     import shapely
@@ -152,6 +153,7 @@ def tile_tissue(cache: GeneMapCache) -> dict[tuple[int, int], float]:
     }
 
 
+@pytest.mark.slow
 def test_service_finishes_a_section_with_glass_and_estimates_the_time_left(her2st, small_checkpoint, tmp_path):
     """Glass tiles are written as zeros (no shard file); they must still count as done, or the service
     predicts them forever and never reports an empty queue."""

@@ -129,6 +129,7 @@ def _protocol(n):
     return Protocol("test", tuple(f"g{i}" for i in range(n)), target_sum=1e4, log="ln")
 
 
+@pytest.mark.slow
 def test_a_short_training_run_on_real_spots_improves_the_loss(tmp_path, training_slide):
     """Ten steps on the bundled crop: the checkpoint reloads, and predictions follow training."""
     from napari_genemap.models.predict import predict_spots
@@ -160,6 +161,7 @@ def test_a_short_training_run_on_real_spots_improves_the_loss(tmp_path, training
     assert 1 / 3 < ratio < 3
 
 
+@pytest.mark.slow
 def test_training_can_be_cancelled(tmp_path, training_slide):
     from napari_genemap.train.pixnet import TrainConfig, train_pixnet
 
@@ -238,6 +240,7 @@ def test_predict_map_pads_to_a_multiple_of_32_by_reflection():
     np.testing.assert_allclose(density, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_step_count_schedule_and_weights(tmp_path, training_slide):
     """Cancel after 2 of 4 steps, resume for the other 2: steps 3 and 4 run at the rates one uninterrupted
     schedule gives them (warm-up 1 step, cosine to 0 at step 4), starting from the saved weights."""
@@ -294,6 +297,7 @@ def test_resume_continues_the_step_count_schedule_and_weights(tmp_path, training
         train_pixnet(config(resume=str(tmp_path / "ckpt"), steps=8, mpp=2.0), slides=slides, protocol=hist2st())
 
 
+@pytest.mark.slow
 def test_genemap_train_cli_resumes(tmp_path, capsys):
     from napari_genemap.cli import main
     from napari_genemap.sample import SECTION, sample_root
