@@ -5,6 +5,9 @@ the H&E). The panel hands the set the layer's shapes after each change, sends it
 tile service (never computed in the GUI thread; debounced), shows the table and plot, and writes the files
 with `io.rois`. The ROI layer stays above the layers added after it (gene maps would hide it), and Ctrl+Z
 or "Undo" steps back through its adds, deletes, moves and renames.
+
+The napari side of the layer is `_roi_layer.RoiLayerLink`, the table `_roi_table`, the plot `_roi_plot`,
+the file and store choosers `_roi_export`.
 """
 
 from __future__ import annotations
@@ -13,20 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QItemSelection, QItemSelectionModel, Qt, QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QAction, QKeySequence
-from qtpy.QtWidgets import (
-    QAbstractItemView,
-    QDoubleSpinBox,
-    QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
-    QMenu,
-    QPushButton,
-    QTableView,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QVBoxLayout, QWidget
 
 from ..errors import GenemapInputError
 from ..explore.roiset import RoiSet
@@ -35,9 +27,10 @@ from ..io.store import is_zarr_store
 from ..layers import HE, find_layers
 from ._napari_hooks import cleanup, click_adder, layer_undo
 from ._qt import connect_session, wrapped_label
+from ._roi_export import StoreMenu, export_path
 from ._roi_layer import NO_SLIDE, RoiLayerLink
 from ._roi_plot import draw_roi_plot
-from ._roi_table import RoiTableModel
+from ._roi_table import RoiTable, RoiTableModel
 
 DEBOUNCE_MS = 300  # wait this long after the last edit before asking for aggregation
 
@@ -51,7 +44,6 @@ class SpotsWidget(QWidget):
         self.session = connect_session(napari_viewer)
         self.roiset = RoiSet()
         self.rois_layer = RoiLayerLink(napari_viewer, self._slide, layer_undo(self), parent=self)
-        self._selected_names: list[str] = []
         self._timer = QTimer(self, singleShot=True, interval=DEBOUNCE_MS)
         self._timer.timeout.connect(self._aggregate)
 
@@ -76,15 +68,8 @@ class SpotsWidget(QWidget):
         undo.setToolTip(self.undo_action.toolTip())
 
         self.model = RoiTableModel(self._rename)
-        self.table = QTableView()
-        self.table.setModel(self.model)
-        self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-        self.table.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
-        self.table.setEditTriggers(
-            QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed
-        )
+        self.table = RoiTable(self.model)
         self.table.selectionModel().selectionChanged.connect(self._on_selection)
-        self.model.modelReset.connect(self._restore_selection)
 
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
@@ -93,15 +78,7 @@ class SpotsWidget(QWidget):
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(220)
 
-        # a store is a folder: a file dialog would open an existing one instead of choosing it
-        self.store_menu = QMenu(self)
-        self.into_slide_store = self.store_menu.addAction("Into the slide's store")
-        self.into_slide_store.triggered.connect(lambda _=False: self.export_spatialdata(self._slide_store()))
-        self.store_menu.addAction("Into another existing store…").triggered.connect(
-            lambda _=False: self._export_into_existing_store()
-        )
-        self.store_menu.addAction("New store…").triggered.connect(lambda _=False: self._export_new_store())
-        self.store_menu.aboutToShow.connect(self._update_store_menu)
+        self.store_menu = StoreMenu(self._slide_store, self.export_spatialdata, self._say, parent=self)
         spatialdata = QPushButton("SpatialData…")
         spatialdata.setToolTip("Save the ROIs and their table into a SpatialData store (slide pixels)")
         spatialdata.setMenu(self.store_menu)
@@ -160,14 +137,10 @@ class SpotsWidget(QWidget):
 
     def select(self, names: list[str]) -> None:
         """Select the rows of these ROIs (the plot follows)."""
-        selection = QItemSelection()
-        for row in [self.model.names().index(name) for name in names]:
-            selection.select(self.model.index(row, 0), self.model.index(row, self.model.columnCount() - 1))
-        self.table.selectionModel().select(selection, QItemSelectionModel.SelectionFlag.ClearAndSelect)
+        self.table.select(names)
 
     def selected(self) -> list[str]:
-        rows = sorted(index.row() for index in self.table.selectionModel().selectedRows())
-        return [self.model.names()[row] for row in rows]
+        return self.table.selected()
 
     def rois(self) -> tuple:
         """(ROIs as a GeoDataFrame in slide pixels, their `rois.roi_table`), ready to export."""
@@ -209,44 +182,15 @@ class SpotsWidget(QWidget):
     def _export(self, write, path, filter_: str, suffix: str) -> Path | None:
         try:
             gdf, table = self.rois()
+            path = export_path(self, path, filter_, suffix)
             if path is None:
-                path, _ = QFileDialog.getSaveFileName(self, "Export ROIs", f"rois{suffix}", filter_)
-                if not path:
-                    return None
-            path = Path(path)
-            if path.suffix != suffix and not (suffix == ".zarr" and is_zarr_store(path)):
-                raise GenemapInputError(f"{path}: expected a name ending in {suffix}")
+                return None
             written = write(gdf, table, path)
         except GenemapInputError as error:
             self._say(str(error))
             return None
         self._say(f"wrote {len(gdf)} ROIs to {written}")
         return Path(written)
-
-    def _update_store_menu(self) -> None:
-        store = self._slide_store()
-        self.into_slide_store.setEnabled(store is not None)
-        self.into_slide_store.setText(f"Into the slide's store ({store.name if store is not None else 'none'})")
-
-    def _export_into_existing_store(self) -> Path | None:
-        """A folder chooser: a store is a folder, which a save dialog would open instead of choosing."""
-        start = self._slide_store()
-        folder = QFileDialog.getExistingDirectory(
-            self, "Save the ROIs into an existing SpatialData store", str(start.parent) if start else ""
-        )
-        if not folder:
-            return None
-        if not is_zarr_store(folder):
-            self._say(f"{folder}: not a SpatialData store; choose a .zarr store folder, or New store…")
-            return None
-        return self.export_spatialdata(folder)
-
-    def _export_new_store(self) -> Path | None:
-        path, _ = QFileDialog.getSaveFileName(self, "Save the ROIs in a new SpatialData store", "rois.zarr")
-        if not path:
-            return None
-        path = Path(path)
-        return self.export_spatialdata(path if path.suffix == ".zarr" else path.with_name(f"{path.name}.zarr"))
 
     def _slide_store(self) -> Path | None:
         source = self.session.slide_source
@@ -292,10 +236,14 @@ class SpotsWidget(QWidget):
         self._refresh()
 
     def _on_edited(self) -> None:
+        self._record()
+        self._timer.start()
+
+    def _record(self) -> None:
+        """Remember the shapes as they are now for undo, and show them."""
         self._sync()
         self.roiset.record()
         self._refresh()
-        self._timer.start()
 
     def _sync(self) -> None:
         """Hand the set the layer's shapes as they are now."""
@@ -308,9 +256,7 @@ class SpotsWidget(QWidget):
         except GenemapInputError as error:
             self._say(str(error))
             return False
-        self._sync()
-        self.roiset.record()
-        self._refresh()
+        self._record()
         self._say("")
         return True
 
@@ -392,18 +338,11 @@ class SpotsWidget(QWidget):
     def _refresh(self) -> None:
         self._sync()
         mpp = self._mpp() if self.layer is not None else 1.0
-        self._selected_names = self.selected() or self._selected_names
-        self.model.update(self.roiset.table(mpp))
+        self.table.show_frame(self.roiset.table(mpp))
         self._update_plot()
-
-    def _restore_selection(self) -> None:
-        names = [name for name in self._selected_names if name in self.model.names()]
-        if names:
-            self.select(names)
 
     def _on_selection(self, *_) -> None:
         names = self.selected()
-        self._selected_names = names
         self.rois_layer.select({self.model.names().index(name) for name in names})
         self._update_plot()
 
