@@ -8,6 +8,7 @@ it is shown and, when the view or gene changed meanwhile, asked again.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -20,7 +21,7 @@ from .session import Session
 class PearsonLine:
     """The line (``label``) and the Pearson it shows (``r``; None when there is none)."""
 
-    def __init__(self, session: Session, active_layer: Callable[[], object], measured: Callable[[str], list]):
+    def __init__(self, session: Session, active_layer: Callable[[], Any], measured: Callable[[str], list]):
         """``active_layer``: the gene layer the panel speaks of (or None); ``measured``: a gene's layers of
         measured spots on the active slide."""
         self.session = session

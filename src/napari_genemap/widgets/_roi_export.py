@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from qtpy.QtGui import QAction
 from qtpy.QtWidgets import QFileDialog, QMenu, QWidget
 
 from ..errors import GenemapInputError
@@ -41,11 +42,16 @@ class StoreMenu(QMenu):
         """``slide_store``: the store the slide was read from (or None); ``say``: the panel's message line."""
         super().__init__(parent)
         self._slide_store, self._export, self._say = slide_store, export, say
-        self.into_slide_store = self.addAction("Into the slide's store")
-        self.into_slide_store.triggered.connect(lambda _=False: export(slide_store()))
-        self.addAction("Into another existing store…").triggered.connect(lambda _=False: self._into_existing_store())
-        self.addAction("New store…").triggered.connect(lambda _=False: self._into_new_store())
+        self.into_slide_store = self._entry("Into the slide's store", lambda: export(slide_store()))
+        self._entry("Into another existing store…", self._into_existing_store)
+        self._entry("New store…", self._into_new_store)
         self.aboutToShow.connect(self._update)
+
+    def _entry(self, text: str, slot: Callable[[], object]) -> QAction:
+        action = QAction(text, self)
+        action.triggered.connect(lambda _=False: slot())
+        self.addAction(action)
+        return action
 
     def _update(self) -> None:
         store = self._slide_store()
@@ -65,10 +71,10 @@ class StoreMenu(QMenu):
         self._export(folder)
 
     def _into_new_store(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
+        chosen, _ = QFileDialog.getSaveFileName(
             self.parentWidget(), "Save the ROIs in a new SpatialData store", "rois.zarr"
         )
-        if not path:
+        if not chosen:
             return
-        path = Path(path)
+        path = Path(chosen)
         self._export(path if path.suffix == ".zarr" else path.with_name(f"{path.name}.zarr"))

@@ -10,6 +10,7 @@ plugins proxies of its layers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -36,13 +37,14 @@ class RoiLayerLink(QObject):
         canvas calls while the ROIs are the active layer (napari passes the layer)."""
         super().__init__(parent)
         self.viewer = viewer
-        self.layer = None
+        self.layer: Any = None  # napari's Shapes layer (a proxy of it when napari docked the panel)
         self._slide = slide
         self._undo_key = undo_key
         self._restoring = False  # `restore` is rewriting the layer: its events are not edits
         self._raising = False  # moving the ROI layers up (re-entrancy guard)
         # after the insertion has finished (napari's own handlers still expect the new layer's index)
-        self._tidy_timer = QTimer(self, singleShot=True, interval=0)
+        self._tidy_timer = QTimer(self)
+        self._tidy_timer.setSingleShot(True)
         self._tidy_timer.timeout.connect(self.tidy)
         self.viewer_events = [  # for `_napari_hooks.cleanup`
             (viewer.layers.events.removed, weak_call(self, "_on_layer_removed")),

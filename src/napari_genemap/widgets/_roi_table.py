@@ -76,7 +76,7 @@ class RoiTable(QTableView):
         self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed)
         self._kept: list[str] = []  # the names selected last, selected again after a reset
-        self.selectionModel().selectionChanged.connect(self._keep)
+        self.selection().selectionChanged.connect(self._keep)
         rois.modelReset.connect(self._restore)
 
     def show_frame(self, frame: pd.DataFrame) -> None:
@@ -88,11 +88,18 @@ class RoiTable(QTableView):
         selection = QItemSelection()
         for row in [self.rois.names().index(name) for name in names]:
             selection.select(self.rois.index(row, 0), self.rois.index(row, self.rois.columnCount() - 1))
-        self.selectionModel().select(selection, QItemSelectionModel.SelectionFlag.ClearAndSelect)
+        self.selection().select(selection, QItemSelectionModel.SelectionFlag.ClearAndSelect)
 
     def selected(self) -> list[str]:
-        rows = sorted(index.row() for index in self.selectionModel().selectedRows())
+        rows = sorted(index.row() for index in self.selection().selectedRows())
         return [self.rois.names()[row] for row in rows]
+
+    def selection(self) -> QItemSelectionModel:
+        """The view's selection model (which `setModel` made)."""
+        selection = self.selectionModel()
+        if selection is None:
+            raise RuntimeError("the ROI table has no model")
+        return selection
 
     def _keep(self, *_) -> None:
         self._kept = self.selected()
