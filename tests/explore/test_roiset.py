@@ -179,6 +179,24 @@ def test_a_saved_table_shows_until_a_model_answers(source, sample_slide):
     assert roiset.saved is None
 
 
+def test_another_slide_forgets_the_profiles_and_keeps_only_its_own_stores_saved_table(source, tmp_path):
+    store = tmp_path / "slide.zarr"
+    row = (np.array([1.0, 2.0], np.float32), np.array([10.0, 20.0], np.float32))
+    saved = SavedExpression(["A", "B"], {"ROI 1": row}, {"model": "old"}, str(store), "model old")
+    roiset = RoiSet()
+    roiset.update(drawn((SQUARE, "rectangle", "ROI 1"), (CIRCLE, "ellipse", "ROI 2")))
+    roiset.load_saved(saved)
+    answered(roiset, source)
+    roiset.change_slide(tmp_path / "." / "slide.zarr")  # the same store, however it is spelled
+    assert roiset.saved is saved and len(roiset.waiting()) == 2  # the running model's profiles are gone
+    assert roiset.request(can_compute=True).rois is not None  # nothing in flight: the next request goes out
+    roiset.change_slide(tmp_path / "other.zarr")  # an answer still on its way would be for the old slide
+    assert roiset.saved is None and not roiset.in_flight and len(roiset.waiting()) == 2
+    roiset.load_saved(saved)
+    roiset.change_slide(None)  # a slide not read from a store
+    assert roiset.saved is None
+
+
 def test_fold_change_and_top_genes_of_a_constructed_table():
     # X = ln(1 + v): v = 99, 9, 0 in "a" and 9, 99, 0 in "b"
     values = np.log1p(np.array([[99.0, 9.0, 0.0], [9.0, 99.0, 0.0]]))

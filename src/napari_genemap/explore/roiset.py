@@ -10,8 +10,10 @@ through snapshots of the shapes (`RoiHistory`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -239,6 +241,13 @@ class RoiSet:
 
     def drop_saved(self) -> None:
         self.saved, self._saved_rows = None, {}
+
+    def change_slide(self, store: str | os.PathLike | None) -> None:
+        """Another slide is open (read from the store at ``store``, or not from a store): the running model's
+        profiles go (see `forget`), and the saved table too unless it came from that store."""
+        if self.saved is not None and (store is None or Path(store).resolve() != Path(self.saved.source).resolve()):
+            self.drop_saved()
+        self.forget()
 
     # --- values --------------------------------------------------------------------------------------------
     def genes(self) -> list[str]:

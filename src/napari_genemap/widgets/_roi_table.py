@@ -1,4 +1,4 @@
-"""The Spots panel's table of ROIs as a Qt model: rows = ROIs; name (editable), kind, size, then the genes."""
+"""The Spots panel's table of ROIs: rows = ROIs; name (editable), kind, size, then the genes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from qtpy.QtCore import QAbstractTableModel, QModelIndex, Qt
+from qtpy.QtCore import QAbstractTableModel, QItemSelection, QItemSelectionModel, QModelIndex, Qt
+from qtpy.QtWidgets import QAbstractItemView, QTableView
 
 PENDING = "…"  # what a value cell shows while its ROI is being aggregated
 FIXED = ("name", "kind", "size")
@@ -62,3 +63,48 @@ class RoiTableModel(QAbstractTableModel):
         if role != Qt.ItemDataRole.EditRole or index.column() != 0:
             return False
         return self._rename(index.row(), str(value))
+
+
+class RoiTable(QTableView):
+    """The table's view: ROIs selected by name, the selection kept when rows come or go (the model resets)."""
+
+    def __init__(self, rois: RoiTableModel):
+        super().__init__()
+        self.rois = rois
+        self.setModel(rois)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.DoubleClicked | QAbstractItemView.EditTrigger.EditKeyPressed)
+        self._kept: list[str] = []  # the names selected last, selected again after a reset
+        self.selection().selectionChanged.connect(self._keep)
+        rois.modelReset.connect(self._restore)
+
+    def show_frame(self, frame: pd.DataFrame) -> None:
+        """Show ``frame`` (`RoiTableModel.update`), the selected ROIs still selected."""
+        self._kept = self.selected() or self._kept
+        self.rois.update(frame)
+
+    def select(self, names: list[str]) -> None:
+        selection = QItemSelection()
+        for row in [self.rois.names().index(name) for name in names]:
+            selection.select(self.rois.index(row, 0), self.rois.index(row, self.rois.columnCount() - 1))
+        self.selection().select(selection, QItemSelectionModel.SelectionFlag.ClearAndSelect)
+
+    def selected(self) -> list[str]:
+        rows = sorted(index.row() for index in self.selection().selectedRows())
+        return [self.rois.names()[row] for row in rows]
+
+    def selection(self) -> QItemSelectionModel:
+        """The view's selection model (which `setModel` made)."""
+        selection = self.selectionModel()
+        if selection is None:
+            raise RuntimeError("the ROI table has no model")
+        return selection
+
+    def _keep(self, *_) -> None:
+        self._kept = self.selected()
+
+    def _restore(self) -> None:
+        names = [name for name in self._kept if name in self.rois.names()]
+        if names:
+            self.select(names)

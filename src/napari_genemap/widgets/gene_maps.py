@@ -1,9 +1,10 @@
 """Gene maps dock widget: pick genes, show their predicted maps as layers; prediction follows the view.
 
 Displays and forwards: the layers come from `layers` (`gene_map_layer`, `measured_on_map_layer`), the gene
-list from `explore.genes`, the contrast from `explore.contrast`, the Pearson in view from `evaluate.in_view`, the
-tiles to ask for from `infer.view`, and the model runs in the session's tile service. After every camera
-move (throttled) the panel asks for the view's tiles and re-reads contrast and Pearson.
+list from `explore.genes`, the contrast from `_contrast.MapContrast`, the Pearson line from
+`_pearson_line.PearsonLine`, the tiles to ask for from `infer.view`, and the model runs in the session's tile
+service. After every camera move (throttled) the panel asks for the view's tiles and re-reads contrast and
+Pearson.
 
 A gene layer belongs to one slide and one model (its name says the model, its metadata the slide, model
 and cache). When the model changes, the active slide's layers are rebuilt from the new model's cache; when
@@ -16,11 +17,8 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QVBoxLayout, QWidget
 
-from ..evaluate.in_view import MIN_SPOTS, InViewPearson, in_view_pearson, spots_in_view
-from ..explore.contrast import view_contrast
 from ..explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from ..infer.view import progress_text, view_plan
-from ..io import TABLE_KEY
 from ..layers import (
     GENE_MAP,
     MEASURED_ON_MAP,
@@ -30,6 +28,8 @@ from ..layers import (
     measured_on_map_layer,
     show_only_slide,
 )
+from ._contrast import MapContrast
+from ._pearson_line import PearsonLine
 from ._qt import connect_session, wrapped_label
 
 VIEW_DEBOUNCE_MS = 120
@@ -41,11 +41,12 @@ class GeneMapsWidget(QWidget):
         self.viewer = napari_viewer
         self.session = connect_session(napari_viewer)
         self.tiles_done, self.queued = 0, 0
-        self.pcc: float | None = None  # Pearson of the active gene over the measured spots in view
-        self._pcc_request: str | None = None  # the gene whose Pearson is being aggregated
-        self._pcc_stale = False  # the view or gene changed while a request was out
         self._all_genes: list[str] = []
-        self._setting_contrast = False
+        self.pearson = PearsonLine(
+            self.session, self.active_gene_layer, lambda gene: self.measured_layers(gene, self.session.slide_key)
+        )
+        self.pcc_label = self.pearson.label
+        self.contrast = MapContrast()
         self._overlay_text = ""  # what this panel last wrote in the viewer's text overlay
 
         self.search = QLineEdit(placeholderText="search genes (Enter adds the top hit)")
@@ -56,7 +57,7 @@ class GeneMapsWidget(QWidget):
         self.pause_box = QCheckBox("Pause prediction")
         self.smooth_box = QCheckBox("Smooth map (linear interpolation)")
         self.status = wrapped_label("open a slide: the Slide & model panel starts the model")
-        self.pcc_label, self.legend = wrapped_label(), wrapped_label()
+        self.legend = wrapped_label()
         buttons = QHBoxLayout()
         buttons.addWidget(self.add_button)
         buttons.addWidget(self.remove_button)
@@ -90,12 +91,12 @@ class GeneMapsWidget(QWidget):
         if self.session.cache is not None:
             self._on_ready(self.session.cache)
 
-    # --- genes -------------------------------------------------------------------------------------------
-    def _counts(self):
-        """The active slide's measured counts, or None."""
-        slide = self.session.slide
-        return slide.tables.get(TABLE_KEY) if slide is not None else None
+    @property
+    def pcc(self) -> float | None:
+        """The Pearson of the active gene over the measured spots in view, as the panel shows it."""
+        return self.pearson.r
 
+    # --- genes -------------------------------------------------------------------------------------------
     def _filter(self, text: str) -> None:
         """The list holds only the matches, so no hidden item can be selected and acted on."""
         shown = search_genes(self._all_genes, text)
@@ -103,7 +104,7 @@ class GeneMapsWidget(QWidget):
         self.genes.addItems(shown)
         if shown:
             self.genes.setCurrentRow(0)
-        counts = self._counts()
+        counts = self.session.counts()
         measured = counts.var_names.astype(str) if counts is not None else ()
         self.search_note.setText("" if shown else no_match_note(text, len(self._all_genes), measured))
 
@@ -145,7 +146,7 @@ class GeneMapsWidget(QWidget):
         if measured is not None and not self.measured_layers(gene, self.session.slide_key):
             self.viewer.add_points(measured[0], **measured[1])
         self.viewer.layers.selection.active = layer
-        self._auto_contrast(layer)
+        self._follow_view(layer)
         self._view_changed()
         return layer
 
@@ -161,7 +162,7 @@ class GeneMapsWidget(QWidget):
             taken=[layer.name for layer in self.viewer.layers],
         )
         layer = self.viewer.add_image(data, **meta)
-        layer.events.contrast_limits.connect(lambda _event, layer=layer: self._contrast_touched(layer))
+        self.contrast.watch(layer)
         return layer
 
     def gene_layers(self, gene: str | None = None, slide: str | None = None) -> list:
@@ -178,8 +179,8 @@ class GeneMapsWidget(QWidget):
 
     # --- slide and model changes -------------------------------------------------------------------------
     def _on_ready(self, cache) -> None:
-        self._pcc_request, self._pcc_stale = None, False
-        self._all_genes = gene_order(self.session.model_card(), self._counts())
+        self.pearson.restart()
+        self._all_genes = gene_order(self.session.model_card(), self.session.counts())
         self._filter(self.search.text())
         rebuilt, dropped = self._rebuild_layers(cache)
         self.status.setText(model_ready_note(self.session.model_name, len(cache.genes), rebuilt, dropped))
@@ -201,18 +202,18 @@ class GeneMapsWidget(QWidget):
             layer = self._add_map(gene, cache)
             self.viewer.layers.move(self.viewer.layers.index(layer), index)
             layer.visible = visible
-            self._auto_contrast(layer)
+            self._follow_view(layer)
             rebuilt.append(gene)
         return rebuilt, dropped
 
     def _on_model_changed(self, _checkpoint) -> None:
-        self._forget_pcc()
+        self.pearson.forget()
         if self.session.slide is not None:
             self.status.setText(f"loading the model {self.session.model_name}…")
 
     def _on_slide_changed(self, _sdata) -> None:
         """Hide the other slides' layers (remembering which were shown) and show this slide's again."""
-        self._forget_pcc()
+        self.pearson.forget()
         self.tiles_done, self.queued, self._all_genes = 0, 0, []
         self.genes.clear()
         show_only_slide(self.gene_layers() + self.measured_layers(), self.session.slide_key)
@@ -240,8 +241,8 @@ class GeneMapsWidget(QWidget):
             return
         self.session.want(view_plan(cache, *self.view_box(layer)))
         for shown in self.gene_layers(slide=self.session.slide_key):
-            self._auto_contrast(shown)
-        self._update_pcc()
+            self._follow_view(shown)
+        self.pearson.update()
 
     def _on_progress(self, report: dict) -> None:
         self.tiles_done += len(report["done"])
@@ -251,8 +252,8 @@ class GeneMapsWidget(QWidget):
             for layer in self.gene_layers(slide=self.session.slide_key):
                 _forget_thumbnail_level(layer)
                 layer.refresh()
-                self._auto_contrast(layer)
-            self._update_pcc()
+                self._follow_view(layer)
+            self.pearson.update()
 
     def _pause(self, paused: bool) -> None:
         self.session.pause(paused)
@@ -266,33 +267,8 @@ class GeneMapsWidget(QWidget):
         for layer in self.gene_layers():
             layer.interpolation2d = "linear" if smooth else "nearest"
 
-    def _auto_contrast(self, layer) -> None:
-        if not layer.visible:
-            return
-        info = layer.metadata["genemap"]
-        level, (i0, i1, j0, j1) = self.view_box(layer)
-        values = layer.data[level].read(max(i0, 0), i1, max(j0, 0), j1)
-        contrast = view_contrast(
-            values,
-            layer.contrast_limits,
-            layer.contrast_limits_range,
-            following=info.get("contrast_auto", False),
-            user_set=info.get("contrast_user", False),
-        )
-        if contrast is None:
-            return
-        self._setting_contrast = True
-        try:
-            if contrast.range is not None:
-                layer.contrast_limits_range = contrast.range
-            layer.contrast_limits = contrast.limits
-        finally:
-            self._setting_contrast = False
-        info["contrast_auto"] = True
-
-    def _contrast_touched(self, layer) -> None:
-        if not self._setting_contrast:
-            layer.metadata["genemap"]["contrast_user"] = True
+    def _follow_view(self, layer) -> None:
+        self.contrast.follow_view(layer, *self.view_box(layer))
 
     # --- what the canvas says ----------------------------------------------------------------------------
     def _on_active_changed(self, *_) -> None:
@@ -314,57 +290,6 @@ class GeneMapsWidget(QWidget):
         ready = self.session.cache is not None and self.session.slide is not None
         self.legend.setText(map_legend(self.session.cache, self.session.slide) if ready else "")
 
-    # --- prediction vs measurement in view ---------------------------------------------------------------
-    def _forget_pcc(self) -> None:
-        self._pcc_request, self.pcc = None, None
-        self.pcc_label.setText("")
-
-    def _update_pcc(self) -> None:
-        """Ask the service for the spot integrals of the active gene's measured spots in view (cached tiles
-        only); one request at a time, asked again when the view changed meanwhile."""
-        layer = self.active_gene_layer()
-        if layer is None or self.session.cache is None:
-            return
-        gene = layer.metadata["genemap"]["gene"]
-        measured = self.measured_layers(gene, self.session.slide_key)
-        if not measured:
-            self.pcc = None
-            self.pcc_label.setText(f"{gene}: not measured on this slide, so no Pearson")
-            return
-        if self._pcc_request is not None:
-            self._pcc_stale = True
-            return
-        spots = measured[0]
-        shapes = spots_in_view(spots.data, spots.size, spots.features["spot"], *_view_in(layer, spots))
-        if len(shapes) < MIN_SPOTS:
-            self.pcc = None
-            self.pcc_label.setText(InViewPearson(gene, None, 0, len(shapes)).describe(None))
-            return
-        if not self.pcc_label.text().startswith(f"{gene}:"):  # never show another gene's number meanwhile
-            self.pcc = None
-            self.pcc_label.setText(f"{gene}: computing the Pearson over the {len(shapes)} measured spots in view…")
-        self._pcc_request = gene
-        self.session.aggregate(
-            shapes, lambda table, error: self._show_pcc(gene, len(shapes), table, error), only_cached=True
-        )
-
-    def _show_pcc(self, gene: str, in_view: int, table, error: str | None) -> None:
-        from ..data.protocols import Protocol
-
-        self._pcc_request = None
-        active = self.active_gene_layer()
-        if active is None or active.metadata["genemap"]["gene"] != gene:
-            self._pcc_stale = False
-            self._update_pcc()
-            return
-        if self._pcc_stale:  # show this answer (while tiles keep arriving, every answer is a little stale),
-            self._pcc_stale = False  # then ask again
-            QTimer.singleShot(0, self._update_pcc)
-        protocol = Protocol.from_dict(self.session.model_card()["protocol"])
-        result = in_view_pearson(gene, None if error else table, self._counts(), protocol, in_view)
-        self.pcc = result.r
-        self.pcc_label.setText(result.describe(self.session.training_overlap()))
-
 
 def _forget_thumbnail_level(layer) -> None:
     """napari (0.9) keeps the coarsest level of a 2-D pyramid in memory once read; ours fills in as tiles
@@ -372,15 +297,3 @@ def _forget_thumbnail_level(layer) -> None:
     materializer = getattr(layer, "_level_materializer", None)
     if materializer is not None and hasattr(materializer, "cache_clear"):
         materializer.cache_clear()
-
-
-def _view_in(gene_layer, other) -> tuple[np.ndarray, np.ndarray]:
-    """The gene layer's view (its corner pixels at the shown level) in ``other``'s data coordinates."""
-    level = gene_layer.data_level
-    corners = (
-        np.asarray(gene_layer.corner_pixels, float)[:, -2:] * np.asarray(gene_layer.downsample_factors[level])[-2:]
-    )
-    corners[1] += 1  # corner_pixels are inclusive
-    world = corners * np.asarray(gene_layer.scale)[-2:] + np.asarray(gene_layer.translate)[-2:]
-    local = (world - np.asarray(other.translate)[-2:]) / np.asarray(other.scale)[-2:]
-    return local[0], local[1]

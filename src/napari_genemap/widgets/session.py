@@ -79,6 +79,12 @@ class Session:
         """What identifies the active slide in layer metadata (how the service reopens it)."""
         return None if self.slide_source is None else self.slide_source.key
 
+    def counts(self):
+        """The active slide's measured counts (an AnnData of its spots), or None."""
+        from ..io import TABLE_KEY
+
+        return self.slide.tables.get(TABLE_KEY) if self.slide is not None else None
+
     def training_overlap(self) -> str | None:
         """The section of the model's training data this slide is (or was cut from), else None.
 
