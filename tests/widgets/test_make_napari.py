@@ -47,6 +47,7 @@ def wait_for_line(lines: queue.Queue, text: str, timeout: float, seen: list[str]
     raise AssertionError(f"no {text!r} line within {timeout:.0f} s; stdout was:\n{''.join(seen)}")
 
 
+@pytest.mark.slow
 @pytest.mark.gui
 def test_make_napari_starts_the_model_and_a_killed_viewer_leaves_no_service(tmp_path):
     environment = dict(os.environ, GENEMAP_CACHE_DIR=str(tmp_path / "cache"))

@@ -20,6 +20,7 @@ def viewer_with_sample(make_napari_viewer, monkeypatch, tmp_path):
     session_for(viewer).close()
 
 
+@pytest.mark.slow
 def test_gene_layer_fills_the_view_with_the_engines_values(viewer_with_sample, qtbot, tmp_path):
     from napari_genemap.checkpoints import shipped_checkpoint
     from napari_genemap.infer.engine import TileEngine
@@ -173,6 +174,7 @@ def _dimmer_checkpoint(tmp_path):
     return folder
 
 
+@pytest.mark.slow
 def test_a_model_switch_replaces_the_maps_and_names_the_model(ready_panels, qtbot, tmp_path):
     viewer, slide_widget, maps = ready_panels
     old = maps.add_gene("KRT8")
@@ -197,6 +199,7 @@ def test_a_model_switch_replaces_the_maps_and_names_the_model(ready_panels, qtbo
     assert maps.add_gene("KRT8") is layer
 
 
+@pytest.mark.slow
 def test_pearson_follows_the_active_gene_and_says_what_it_counts(ready_panels, qtbot):
     viewer, _, maps = ready_panels
     krt8 = maps.add_gene("KRT8")
@@ -230,6 +233,7 @@ def test_gene_search_says_what_is_missing_and_never_acts_on_a_hidden_gene(ready_
     assert [layer.metadata["genemap"]["gene"] for layer in maps.gene_layers()] == ["KRT8"]
 
 
+@pytest.mark.slow
 def test_a_second_slide_becomes_the_active_one_and_hides_the_first(ready_panels, qtbot, sample_copy):
     """Slides open at the same place: the new one is where the model runs, the old one's layers are hidden
     (never removed), and switching back shows them again."""
@@ -285,6 +289,7 @@ def test_open_slide_reads_in_the_background_with_a_busy_bar(viewer_with_sample, 
     widget.session.close()
 
 
+@pytest.mark.slow
 def test_on_a_section_the_pearson_shows_while_tiles_arrive(make_napari_viewer, qtbot, her2st, monkeypatch, tmp_path):
     """A full section predicts for minutes; the Pearson must show "k of n spots" meanwhile (a reply that
     came while tiles arrived used to be dropped as stale, forever)."""

@@ -48,6 +48,7 @@ def bars(widget) -> pd.Series:
     return pd.Series([patch.get_width() for patch in axes.patches], index=labels)
 
 
+@pytest.mark.slow
 @pytest.mark.gui
 def test_drawn_rois_show_the_engines_expression_compare_and_export(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     cache_root = tmp_path / "cache"

@@ -121,6 +121,7 @@ def _renamed_section(folder, name):
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.gui
 def test_starting_cancelling_and_resuming_a_short_training_run(make_napari_viewer, qtbot, tmp_path, sample_copy):
     from napari_genemap.models.checkpoint import load_checkpoint
