@@ -191,8 +191,9 @@ def show_only_slide(layers, slide: str | None) -> None:
             layer.visible = True
 
 
-def measured_on_map_layer(sdata, gene: str, slide: str) -> tuple | None:
-    """The measured spots of ``gene`` to compare with its map, or None when the slide does not measure it."""
+def measured_on_map_layer(sdata, gene: str, slide: str, taken=()) -> tuple | None:
+    """The measured spots of ``gene`` to compare with its map, or None when the slide does not measure it;
+    named "GENE (measured)", plus the slide's name when that is ``taken`` (another slide has it)."""
     if TABLE_KEY not in sdata.tables or gene not in sdata.tables[TABLE_KEY].var_names:
         return None
     spots = spots_layer(sdata, gene)
@@ -200,6 +201,8 @@ def measured_on_map_layer(sdata, gene: str, slide: str) -> tuple | None:
         return None
     data, meta, kind = spots
     meta["name"] = f"{gene} (measured)"
+    if meta["name"] in taken:
+        meta["name"] += f" · {slide_name(sdata)}"
     meta["metadata"]["genemap"] |= {"element": MEASURED_ON_MAP, "slide": slide}
     return data, meta, kind
 

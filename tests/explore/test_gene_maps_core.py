@@ -130,6 +130,12 @@ def test_measured_spots_on_the_map_only_for_measured_genes(sample_slide):
     assert measured_on_map_layer(sample_slide, "NOT_A_GENE", "s::") is None
 
 
+def test_measured_spots_of_a_gene_another_slide_shows_are_named_by_slide(sample_slide):
+    """Found in use: C3's KRT8 spots came out as napari's "KRT8 (measured) [1]" beside B4's."""
+    _, meta, _ = measured_on_map_layer(sample_slide, "KRT8", "s::", taken=["KRT8 (measured)"])
+    assert meta["name"] == "KRT8 (measured) · B4_crop"
+
+
 def test_a_slide_switch_hides_the_other_slides_and_restores_only_what_it_hid():
     def layer(slide, visible):
         return FakeLayer({"name": slide, "metadata": {"genemap": {"slide": slide}}}, visible)

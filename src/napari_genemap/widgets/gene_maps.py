@@ -142,7 +142,8 @@ class GeneMapsWidget(QWidget):
                 self.viewer.layers.selection.active = layer
                 return layer
         layer = self._add_map(gene, cache)
-        measured = measured_on_map_layer(self.session.slide, gene, self.session.slide_key)
+        taken = [layer.name for layer in self.viewer.layers]
+        measured = measured_on_map_layer(self.session.slide, gene, self.session.slide_key, taken)
         if measured is not None and not self.measured_layers(gene, self.session.slide_key):
             self.viewer.add_points(measured[0], **measured[1])
         self.viewer.layers.selection.active = layer
