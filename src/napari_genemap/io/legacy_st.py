@@ -181,8 +181,10 @@ def _read_alignment(path: Path) -> pd.DataFrame:
         bad = ~np.isfinite(values.to_numpy())
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
+            cell = spots[column].iloc[row]
+            shown = "empty or NaN" if pd.isna(cell) else repr(cell) if isinstance(cell, str) else f"{cell:g}"
             raise GenemapInputError(
-                f"{path}: line {row + 2}, column {column}: {spots[column].iloc[row]!r} is not a finite number; "
+                f"{path}: line {row + 2}, column {column}: {shown} is not a finite number; "
                 f"expected {'array positions' if column in ('x', 'y') else 'pixel coordinates'} in every row"
             )
     positions = pd.Series([f"{round(x)}x{round(y)}" for x, y in zip(spots["x"], spots["y"])])
