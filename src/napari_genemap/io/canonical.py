@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GenemapInputError
-from .images import ImagePyramid
+from .images import ImagePyramid, check_mpp
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -79,6 +79,13 @@ def check_spots_inside(
     centers: np.ndarray, names: Sequence[str], image_size_xy: tuple[float, float], source: str
 ) -> None:
     width, height = image_size_xy
+    missing = ~np.isfinite(centers).all(axis=1)
+    if missing.any():
+        first = int(np.flatnonzero(missing)[0])
+        raise GenemapInputError(
+            f"{source}: {int(missing.sum())} spot centres are not finite numbers (e.g. spot {names[first]!r} at "
+            f"x={centers[first, 0]}, y={centers[first, 1]}); expected pixel coordinates"
+        )
     outside = (centers[:, 0] < 0) | (centers[:, 1] < 0) | (centers[:, 0] >= width) | (centers[:, 1] >= height)
     if outside.any():
         first = int(np.flatnonzero(outside)[0])
@@ -113,9 +120,7 @@ def build_spatialdata(
         raise GenemapInputError(
             f"{source}: pixel size unknown; pass its µm per pixel (mpp=, or --mpp on the command line)"
         )
-    mpp = float(mpp)
-    if not np.isfinite(mpp) or mpp <= 0:
-        raise GenemapInputError(f"{source}: pixel size {mpp} µm/px is not a positive number")
+    mpp = check_mpp(mpp, source)
     attrs = {"mpp": mpp, "source": source, "format": info.format, "section": info.section or ""}
     images = {IMAGE_KEY: pyramid_to_datatree(image.levels, image.downsamples, image_scale)}
     shapes, tables = {}, {}

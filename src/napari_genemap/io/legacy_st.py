@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..errors import GenemapDataWarning, GenemapInputError
 from .canonical import SlideInfo, build_spatialdata, check_gene_names
-from .images import open_image
+from .images import check_mpp, open_image
 
 #: Centre-to-centre distance of the ST array's spots and their diameter (Ståhl et al., Science 2016).
 ST_PITCH_UM = 200.0
@@ -64,7 +64,7 @@ def legacy_st_files(image: str | os.PathLike) -> dict | None:
         ("legacy_st", image.parent / f"{stem}.tsv", image.parent / f"alignment_table_{stem}.tsv"),
     ]
     for fmt, counts, alignment in candidates:
-        if counts.is_file() and alignment.is_file():
+        if is_file(counts) and is_file(alignment):
             return {"image": image, "counts": counts, "alignment": alignment, "fmt": fmt, "section": stem}
     return None
 
@@ -84,8 +84,10 @@ def read_legacy_st(
 
     image, counts, alignment = Path(image), Path(counts), Path(alignment)
     for path in (image, counts, alignment):
-        if not path.is_file():
+        if not is_file(path):
             raise GenemapInputError(f"{path}: file not found (legacy ST needs an image, counts and alignment table)")
+    if mpp is not None:
+        mpp = check_mpp(mpp, image)
     pyramid = open_image(image)
     spots = _read_alignment(alignment)
     table = _read_counts(counts)
@@ -155,17 +157,46 @@ def grid_mpp(array_xy: np.ndarray, pixel_xy: np.ndarray, source: object = "spots
     return ST_PITCH_UM / pixels_per_step
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, but a folder we may not enter is one clear line, not a missing file."""
+    try:
+        return path.is_file()
+    except PermissionError:
+        raise GenemapInputError(f"{path}: permission denied (its folder cannot be read)") from None
+
+
 def _read_alignment(path: Path) -> pd.DataFrame:
     try:
         spots = pd.read_csv(path, sep="\t")
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
-        raise GenemapInputError(f"{path}: not a tab-separated alignment table ({error})") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError, OSError) as error:
+        raise GenemapInputError(f"{path}: not a readable tab-separated alignment table ({error})") from None
     missing = [column for column in ALIGNMENT_COLUMNS if column not in spots]
     if missing:
         raise GenemapInputError(
             f"{path}: missing columns {', '.join(missing)}; expected {', '.join(ALIGNMENT_COLUMNS)}"
         )
-    return spots.reset_index(drop=True)
+    spots = spots.reset_index(drop=True)
+    for column in ALIGNMENT_COLUMNS:  # line numbers below count the header as line 1
+        values = pd.to_numeric(spots[column], errors="coerce").astype(np.float64)
+        bad = ~np.isfinite(values.to_numpy())
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            cell = spots[column].iloc[row]
+            shown = "empty or NaN" if pd.isna(cell) else repr(cell) if isinstance(cell, str) else f"{cell:g}"
+            raise GenemapInputError(
+                f"{path}: line {row + 2}, column {column}: {shown} is not a finite number; "
+                f"expected {'array positions' if column in ('x', 'y') else 'pixel coordinates'} in every row"
+            )
+    positions = pd.Series([f"{round(x)}x{round(y)}" for x, y in zip(spots["x"], spots["y"])])
+    repeated = positions.duplicated()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero(positions == positions.iloc[row])[0])
+        raise GenemapInputError(
+            f"{path}: line {row + 2} repeats array position {positions.iloc[row]} of line {first + 2}; "
+            "expected one row per spot"
+        )
+    return spots
 
 
 def _read_counts(path: Path) -> pd.DataFrame:
@@ -186,6 +217,6 @@ def _read_counts(path: Path) -> pd.DataFrame:
 
 def _find_image(folder: Path, section: str) -> Path:
     for suffix in (".jpg", ".jpeg", ".png", ".tif", ".tiff"):
-        if (folder / f"{section}{suffix}").is_file():
+        if is_file(folder / f"{section}{suffix}"):
             return folder / f"{section}{suffix}"
     raise GenemapInputError(f"{folder}: no image for section {section!r} (looked for {section}.jpg/.png/.tif)")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GenemapInputError
 from .canonical import SlideInfo, build_spatialdata
-from .images import is_image_path, open_image
+from .images import check_mpp, is_image_path, open_image
 from .legacy_st import legacy_st_files, read_her2st, read_legacy_st
 from .store import is_zarr_store, read_store
 from .visium import is_visium_folder, read_visium
@@ -40,18 +41,22 @@ class SlideSource:
 def detect_format(path: str | os.PathLike) -> str | None:
     """The reader a path needs ("zarr", "visium", "her2st", "legacy_st", "image"), or None; never raises."""
     try:
-        path = Path(path)
-        if is_zarr_store(path):
-            return "zarr"
-        if is_visium_folder(path):
-            return "visium"
-        if path.is_dir() and all((path / sub).is_dir() for sub in ("images", "counts", "spots")):
-            return "her2st"
-        if path.is_file() and is_image_path(path):
-            files = legacy_st_files(path)
-            return files["fmt"] if files else "image"
-    except OSError:
+        return _detect_format(Path(path))
+    except (OSError, GenemapInputError):
         return None
+
+
+def _detect_format(path: Path) -> str | None:
+    """`detect_format`, raising `GenemapInputError` (or OSError) where a folder it must look into is unreadable."""
+    if is_zarr_store(path):
+        return "zarr"
+    if is_visium_folder(path):
+        return "visium"
+    if path.is_dir() and all((path / sub).is_dir() for sub in ("images", "counts", "spots")):
+        return "her2st"
+    if path.is_file() and is_image_path(path):
+        files = legacy_st_files(path)
+        return files["fmt"] if files else "image"
     return None
 
 
@@ -64,9 +69,13 @@ def read_image_slide(path: str | os.PathLike, mpp: float | None = None):
 def read_slide(path: str | os.PathLike, *, section: str | None = None, mpp: float | None = None):
     """Any supported slide as canonical SpatialData (see `napari_genemap.io.canonical`)."""
     path = Path(path)
-    if not path.exists():
-        raise GenemapInputError(f"{path}: no such file or folder")
-    fmt = detect_format(path)
+    if mpp is not None:  # before anything is read: a pixel size in the wrong unit is refused up front
+        mpp = check_mpp(mpp, path)
+    _check_exists(path)
+    try:
+        fmt = _detect_format(path)
+    except OSError as error:
+        raise GenemapInputError(f"{error.filename or path}: cannot be read ({error.strerror or error})") from None
     if fmt == "zarr":
         return read_store(path)
     if fmt == "visium":
@@ -92,3 +101,14 @@ def read_slide(path: str | os.PathLike, *, section: str | None = None, mpp: floa
         return read_image_slide(path, mpp=mpp)
     kind = "folder" if path.is_dir() else "file"
     raise GenemapInputError(f"{path}: this {kind} is not a slide napari-genemap reads; expected {SUPPORTED}")
+
+
+def _check_exists(path: Path) -> None:
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise GenemapInputError(f"{path}: symbolic link loop (it points back to itself); expected a file") from None
+        if error.errno == errno.EACCES:
+            raise GenemapInputError(f"{path}: permission denied") from None
+        raise GenemapInputError(f"{path}: no such file or folder") from None

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
 
 from ..errors import GenemapDataWarning, GenemapInputError
 from .canonical import SlideInfo, build_spatialdata, check_counts
-from .images import open_image, pyramid_from_array
+from .images import check_mpp, open_image, pyramid_from_array
 
 #: Diameter of a Visium capture spot; with ``spot_diameter_fullres`` it gives the pixel size.
 VISIUM_SPOT_DIAMETER_UM = 55.0
@@ -31,16 +33,15 @@ def read_visium(path: str | os.PathLike, fullres_image: str | os.PathLike | None
     path = Path(path)
     if not is_visium_folder(path):
         raise GenemapInputError(f"{path}: not a Visium folder (expected spatial/scalefactors_json.json)")
+    if mpp is not None:
+        mpp = check_mpp(mpp, path)
+    scalefactors = _read_scalefactors(path / "spatial" / "scalefactors_json.json")
+    spot_diameter = _scalefactor(scalefactors, "spot_diameter_fullres", path / "spatial" / "scalefactors_json.json")
+    if fullres_image is None:  # the hires PNG is the image: its scale is needed (and must not be 0)
+        hires_scale = _scalefactor(scalefactors, "tissue_hires_scalef", path / "spatial" / "scalefactors_json.json")
     counts_files = sorted(path.glob("*filtered_feature_bc_matrix.h5"))
     if not counts_files:
         raise GenemapInputError(f"{path}: no filtered_feature_bc_matrix.h5; expected Space Ranger outputs")
-    scalefactors = json.loads((path / "spatial" / "scalefactors_json.json").read_text())
-    try:
-        spot_diameter = float(scalefactors["spot_diameter_fullres"])
-    except (KeyError, TypeError, ValueError):
-        raise GenemapInputError(
-            f"{path / 'spatial' / 'scalefactors_json.json'}: no spot_diameter_fullres; expected a number"
-        ) from None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # spatialdata-io's own deprecation chatter
@@ -74,7 +75,7 @@ def read_visium(path: str | os.PathLike, fullres_image: str | os.PathLike | None
     else:
         hires = sdata.images["visium_hires_image"]
         image = pyramid_from_array(hires.data, path / "spatial" / "tissue_hires_image.png")
-        image_scale = 1.0 / float(scalefactors["tissue_hires_scalef"])
+        image_scale = 1.0 / hires_scale
     return build_spatialdata(
         image,
         SlideInfo(source=str(path), format="visium"),
@@ -84,3 +85,30 @@ def read_visium(path: str | os.PathLike, fullres_image: str | os.PathLike | None
         counts=adata,
         image_scale=image_scale,
     )
+
+
+def _read_scalefactors(path: Path) -> dict:
+    try:
+        scalefactors = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise GenemapInputError(
+            f"{path}: not a readable JSON file ({error}); expected Space Ranger scale factors"
+        ) from None
+    if not isinstance(scalefactors, dict):
+        raise GenemapInputError(
+            f"{path}: holds a {type(scalefactors).__name__}; expected a JSON object of scale factors"
+        )
+    return scalefactors
+
+
+def _scalefactor(scalefactors: dict, key: str, path: Path) -> float:
+    """One scale factor: a finite, positive number."""
+    value = scalefactors.get(key)
+    number = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        shown = "missing" if value is None else repr(value)
+        raise GenemapInputError(f"{path}: {key} is {shown}; expected a positive number")
+    return number
