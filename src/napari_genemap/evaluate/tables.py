@@ -28,9 +28,9 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
                 warnings.filterwarnings("ignore", "(Observation|Variable) names are not unique")
                 adata = ad.read_h5ad(path)
             values = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-            return pd.DataFrame(values, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
-        separator = "\t" if ".tsv" in suffix else ","
-        table = pd.read_csv(path, sep=separator, index_col=0)
+            table = pd.DataFrame(values, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
+        else:
+            table = pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", index_col=0)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise GenemapInputError(f"{path}: not a readable table ({error})") from None
     except Exception as error:  # h5py and anndata raise many types for a damaged .h5ad
