@@ -171,7 +171,7 @@ CONFIG_CASES = [
     ("provenance-array", _set("provenance", []), "field 'provenance' is an array"),
     ("metrics-text", _set("metrics", "x"), "field 'metrics' is 'x'"),
     ("format_version-text", _set("format_version", "1"), "field 'format_version' is '1'"),
-    ("model_class-unknown", _set("model_class", "Nope"), "field 'model_class' is 'Nope'"),
+    ("model_class-unknown", _set("model_class", "Nope"), "field 'model_class': model class 'Nope' is not registered"),
 ]
 
 

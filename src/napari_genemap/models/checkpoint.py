@@ -143,8 +143,8 @@ def _check_fields(config: dict, config_path: Path) -> None:
     model_class_name = config.get("model_class", DEFAULT_MODEL)
     if not isinstance(model_class_name, str) or model_class_name not in MODELS:
         raise GenemapInputError(
-            f"{config_path}: field 'model_class' is {_shown(model_class_name)}; expected a registered model "
-            f"class ({', '.join(sorted(MODELS))})"
+            f"{config_path}: field 'model_class': model class {_shown(model_class_name)} is not registered; "
+            f"expected one of {sorted(MODELS)}"
         )
     mpp = config["mpp"]
     if not _is_number(mpp) or not math.isfinite(mpp) or mpp <= 0:
