@@ -167,10 +167,14 @@ def _check_fields(config: dict, config_path: Path) -> None:
     if not isinstance(architecture, dict):
         raise refuse("architecture", "an object of the model's architecture settings")
     n_genes = architecture.get("n_genes", len(genes))
-    if not isinstance(n_genes, int) or isinstance(n_genes, bool) or n_genes != len(genes):
+    if not isinstance(n_genes, int) or isinstance(n_genes, bool) or n_genes < 1:
         raise GenemapInputError(
-            f"{config_path}: field 'architecture.n_genes' is {_shown(n_genes)}; expected {len(genes)}, "
-            "the number of genes in field 'genes'"
+            f"{config_path}: field 'architecture.n_genes' is {_shown(n_genes)}; expected a positive whole number"
+        )
+    if n_genes != len(genes):
+        raise GenemapInputError(
+            f"{config_path}: {len(genes)} genes listed but the architecture predicts {n_genes} (field "
+            "'architecture.n_genes')"
         )
     _check_protocol(config["protocol"], genes, config_path)
     for key in ("provenance", "metrics"):
