@@ -8,11 +8,25 @@ from .errors import GenemapInputError
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def check_device_name(name: object, source: str = "device") -> str:
+    """``name`` if it is one of `DEVICES` (torch-free: settings are checked before anything runs)."""
+    if not isinstance(name, str) or name not in DEVICES:
+        raise GenemapInputError(f"{source} {name!r}: expected one of {', '.join(DEVICES)}")
+    return name
+
+
 def resolve_device(name: str = "auto"):
+    """The torch device ``name`` means here; one line when it names hardware this machine lacks."""
     import torch
 
-    if name not in DEVICES:
-        raise GenemapInputError(f"device {name!r}: expected one of {', '.join(DEVICES)}")
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+        raise GenemapInputError(
+            f"device 'cuda': no CUDA GPU is available here ({built}); expected 'auto' or 'cpu' on this machine"
+        )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise GenemapInputError("device 'mps': Apple's Metal (MPS) is not available here; expected 'auto' or 'cpu'")
     return torch.device(name)

@@ -24,18 +24,47 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
         if path.suffix.lower() == ".h5ad":
             import anndata as ad
 
-            adata = ad.read_h5ad(path)
+            with warnings.catch_warnings():  # duplicate names are refused below, in one line
+                warnings.filterwarnings("ignore", "(Observation|Variable) names are not unique")
+                adata = ad.read_h5ad(path)
             values = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-            return pd.DataFrame(values, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
-        separator = "\t" if ".tsv" in suffix else ","
-        table = pd.read_csv(path, sep=separator, index_col=0)
+            table = pd.DataFrame(values, index=adata.obs_names.astype(str), columns=adata.var_names.astype(str))
+        else:
+            table = pd.read_csv(path, sep="\t" if ".tsv" in suffix else ",", index_col=0)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as error:
         raise GenemapInputError(f"{path}: not a readable table ({error})") from None
+    except Exception as error:  # h5py and anndata raise many types for a damaged .h5ad
+        raise GenemapInputError(f"{path}: not a readable table ({type(error).__name__}: {error})") from None
     table.index = table.index.astype(str)
+    _check_unique(table.index, path, "row (spot) name")
+    _check_unique(table.columns.astype(str), path, "column (gene) name")
     non_numeric = [c for c in table.columns if not pd.api.types.is_numeric_dtype(table[c])]
     if non_numeric:
         raise GenemapInputError(f"{path}: column {non_numeric[0]!r} is not numeric; expected one column per gene")
     return table
+
+
+def _check_unique(names: pd.Index, path: Path, what: str) -> None:
+    duplicated = names[names.duplicated()]
+    if len(duplicated):
+        name = duplicated[0]
+        rows = [i + 1 for i in np.flatnonzero(names == name)[:2]]
+        raise GenemapInputError(
+            f"{path}: {what} {name!r} appears {int((names == name).sum())} times (at {rows[0]} and {rows[1]}); "
+            "expected unique names"
+        )
+
+
+def check_counts_table(table: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Measured raw counts are finite and not negative: the first bad cell, by row and column, in one line."""
+    values = table.to_numpy(np.float64)
+    bad = ~np.isfinite(values) | (values < 0)
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise GenemapInputError(
+            f"{path}: row {row + 1} (spot {table.index[row]!r}), column {table.columns[column]!r} is "
+            f"{values[row, column]:g} ({int(bad.sum())} such values); expected raw counts (finite, not negative)"
+        )
 
 
 def _truth_counts(truth: str | os.PathLike, section: str | None):
@@ -47,6 +76,7 @@ def _truth_counts(truth: str | os.PathLike, section: str | None):
     if detect_format(truth) is not None:
         return counts_table(read_slide(truth, section=section))
     table = read_table(truth)
+    check_counts_table(table, truth)
     return ad.AnnData(
         X=table.to_numpy(np.float64),
         obs=pd.DataFrame(index=table.index),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,19 @@ def read_h5ad_slide(
     if not path.is_file():
         raise GenemapInputError(f"{path}: file not found")
     try:
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():  # duplicate names are refused below, in one line
+            warnings.filterwarnings("ignore", "(Observation|Variable) names are not unique")
+            adata = ad.read_h5ad(path)
     except Exception as error:  # h5py and anndata raise many types for a damaged file
         raise GenemapInputError(f"{path}: not a readable .h5ad file ({error})") from None
+    names = adata.obs_names
+    if not names.is_unique:
+        name = names[names.duplicated()][0]
+        rows = np.flatnonzero(names == name) + 1
+        raise GenemapInputError(
+            f"{path}: obs name {name!r} appears {len(rows)} times (rows {rows[0]} and {rows[1]}); "
+            "expected one name per spot"
+        )
     if spatial_key not in adata.obsm:
         raise GenemapInputError(f"{path}: no obsm[{spatial_key!r}]; expected spot centres (x, y) in image pixels")
     centers = np.asarray(adata.obsm[spatial_key], dtype=np.float64)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, cast
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
 from ..io.atomic import atomic_dir
-from .registry import DEFAULT_MODEL, ModelConfig, model_class, model_name
+from .registry import DEFAULT_MODEL, INPUT_MULTIPLE, MODELS, ModelConfig, model_class, model_name
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
     import torch
@@ -118,18 +119,118 @@ def _checkpoint_folder(path: Path) -> Path:
     return path
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def _shown(value: object) -> str:
+    """A config value as the error shows it: JSON's own words for the containers, else its repr (shortened)."""
+    if isinstance(value, (dict, list)) or value is None:
+        return _JSON_TYPES[type(value)]
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fields(config: dict, config_path: Path) -> None:
+    """Every field's type and range (torch-free): one line naming the file and the field at fault."""
+
+    def refuse(key: str, expected: str) -> GenemapInputError:
+        return GenemapInputError(f"{config_path}: field {key!r} is {_shown(config[key])}; expected {expected}")
+
+    model_class_name = config.get("model_class", DEFAULT_MODEL)
+    if not isinstance(model_class_name, str) or model_class_name not in MODELS:
+        raise GenemapInputError(
+            f"{config_path}: field 'model_class': model class {_shown(model_class_name)} is not registered; "
+            f"expected one of {sorted(MODELS)}"
+        )
+    mpp = config["mpp"]
+    if not _is_number(mpp) or not math.isfinite(mpp) or mpp <= 0:
+        raise refuse("mpp", "a positive number of µm per input pixel")
+    window = config["window"]
+    if not isinstance(window, int) or isinstance(window, bool) or window <= 0 or window % INPUT_MULTIPLE:
+        raise refuse("window", f"a positive whole number of input pixels, a multiple of {INPUT_MULTIPLE}")
+    genes = config["genes"]
+    if not isinstance(genes, list) or not genes:
+        raise refuse("genes", "a non-empty list of gene names")
+    wrong = next((i for i, g in enumerate(genes) if not isinstance(g, str) or not g), None)
+    if wrong is not None:
+        raise GenemapInputError(
+            f"{config_path}: field 'genes' item {wrong + 1} is {_shown(genes[wrong])}; expected a gene name"
+        )
+    if len(set(genes)) != len(genes):
+        duplicated = next(g for i, g in enumerate(genes) if g in genes[:i])
+        raise GenemapInputError(f"{config_path}: field 'genes' names {duplicated!r} twice; expected unique names")
+    architecture = config["architecture"]
+    if not isinstance(architecture, dict):
+        raise refuse("architecture", "an object of the model's architecture settings")
+    n_genes = architecture.get("n_genes", len(genes))
+    if not isinstance(n_genes, int) or isinstance(n_genes, bool) or n_genes < 1:
+        raise GenemapInputError(
+            f"{config_path}: field 'architecture.n_genes' is {_shown(n_genes)}; expected a positive whole number"
+        )
+    if n_genes != len(genes):
+        raise GenemapInputError(
+            f"{config_path}: {len(genes)} genes listed but the architecture predicts {n_genes} (field "
+            "'architecture.n_genes')"
+        )
+    _check_protocol(config["protocol"], genes, config_path)
+    for key in ("provenance", "metrics"):
+        if key in config and not isinstance(config[key], dict):
+            raise refuse(key, "an object")
+
+
+def _check_protocol(data: object, genes: list[str], config_path: Path) -> Protocol:
+    if not isinstance(data, dict):
+        raise GenemapInputError(f"{config_path}: field 'protocol' is {_shown(data)}; expected an object")
+    target_sum = data.get("target_sum")
+    if target_sum is not None and (not _is_number(target_sum) or not math.isfinite(target_sum) or target_sum <= 0):
+        raise GenemapInputError(
+            f"{config_path}: field 'protocol.target_sum' is {_shown(target_sum)}; expected a positive number or null"
+        )
+    version = data.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise GenemapInputError(f"{config_path}: field 'protocol.format' is {_shown(version)}; expected an integer")
+    if not isinstance(data.get("name"), str) or not isinstance(data.get("genes"), list):
+        raise GenemapInputError(f"{config_path}: field 'protocol' lacks a 'name' string or a 'genes' list")
+    try:
+        protocol = Protocol.from_dict(data)
+    except GenemapInputError as error:
+        raise GenemapInputError(f"{config_path}: field 'protocol': {error}") from None
+    if list(protocol.genes) != genes:
+        raise GenemapInputError(
+            f"{config_path}: field 'protocol.genes' ({protocol.n_genes} genes) differs from field 'genes' "
+            f"({len(genes)}); expected the same list in the same order"
+        )
+    return protocol
+
+
 def read_checkpoint_config(path: str | os.PathLike) -> dict:
-    """The checkpoint's JSON config, checked for format and version."""
+    """The checkpoint's JSON config, checked for format, version and every field's type and range (no torch)."""
     folder = _checkpoint_folder(Path(path))
     config_path = folder / CONFIG_FILE
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GenemapInputError(f"{config_path}: not valid JSON ({error})") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
+    except OSError as error:
+        raise GenemapInputError(f"{config_path}: cannot be read ({error.strerror or error})") from None
+    if not isinstance(config, dict):
+        raise GenemapInputError(
+            f"{config_path}: holds {_JSON_TYPES.get(type(config), 'a number')}; expected an object "
+            f"with the checkpoint's fields (format {FORMAT!r}, genes, mpp, window, ...)"
+        )
+    if config.get("format") != FORMAT:
         raise GenemapInputError(f"{config_path}: field 'format' is {config.get('format')!r}; expected {FORMAT!r}")
     version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise GenemapInputError(
+            f"{config_path}: field 'format_version' is {_shown(version)}; expected a whole number "
+            f"(this napari-genemap reads 1 to {FORMAT_VERSION})"
+        )
+    if version > FORMAT_VERSION:
         raise GenemapInputError(
             f"{config_path}: format_version {version!r} is newer than this napari-genemap reads "
             f"({FORMAT_VERSION}); upgrade napari-genemap"
@@ -137,13 +238,13 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     for key in ("architecture", "genes", "protocol", "mpp", "window"):
         if key not in config:
             raise GenemapInputError(f"{config_path}: field {key!r} is missing")
-    if not isinstance(config.get("model_class", DEFAULT_MODEL), str):
-        raise GenemapInputError(f"{config_path}: field 'model_class' is {config['model_class']!r}; expected a name")
+    _check_fields(config, config_path)
     return config
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GeneMapModel:
     """Rebuild the model its config names and load the weights (safetensors only; cast to float32)."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -151,16 +252,18 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     config = read_checkpoint_config(folder)
     config_path = folder / CONFIG_FILE
     cls = model_class(config.get("model_class", DEFAULT_MODEL))
+    protocol = _check_protocol(config["protocol"], config["genes"], config_path)
+    genes = list(config["genes"])
     try:
         architecture = cls.config_class.from_dict(config["architecture"])
-        protocol = Protocol.from_dict(config["protocol"])
-    except (TypeError, KeyError) as error:
-        raise GenemapInputError(f"{config_path}: field 'architecture' or 'protocol' is malformed ({error})") from None
-    genes = list(config["genes"])
-    if len(genes) != architecture.n_genes or list(protocol.genes) != genes:
+        model = cls.from_config(architecture)
+    except GenemapInputError as error:
+        raise GenemapInputError(f"{config_path}: field 'architecture': {error}") from None
+    except (TypeError, KeyError, ValueError, AttributeError) as error:
+        raise GenemapInputError(f"{config_path}: field 'architecture' is malformed ({error})") from None
+    if architecture.n_genes != len(genes):
         raise GenemapInputError(
-            f"{config_path}: {len(genes)} genes listed but the architecture predicts {architecture.n_genes} "
-            f"and the protocol holds {protocol.n_genes}"
+            f"{config_path}: {len(genes)} genes listed but the architecture predicts {architecture.n_genes}"
         )
     weights_path = folder / WEIGHTS_FILE
     try:
@@ -171,7 +274,6 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     if head is None or head.shape[0] != len(genes):
         found = "no head" if head is None else f"a head for {head.shape[0]} genes"
         raise GenemapInputError(f"{weights_path}: holds {found}; {config_path} lists {len(genes)} genes")
-    model = cls.from_config(architecture)
     expected = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -186,6 +288,14 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
             raise GenemapInputError(
                 f"{weights_path}: weight {key!r} has shape {tuple(value.shape)}; expected {tuple(own[key].shape)}"
             )
+    for key, value in state.items():
+        if value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise GenemapInputError(
+                    f"{weights_path}: weight {key!r} holds {bad} NaN or infinite values; expected finite weights "
+                    "(a damaged file or a diverged training run)"
+                )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     model.to(device).eval()
     return GeneMapModel(

@@ -46,7 +46,10 @@ def model_class(name: str) -> type[Any]:
     """The class registered under ``name``; a one-line error for an unknown one."""
     if name not in MODELS:
         raise GenemapInputError(f"model class {name!r} is not registered; expected one of {sorted(MODELS)}")
-    return import_object(MODELS[name])
+    try:
+        return import_object(MODELS[name])
+    except (ImportError, AttributeError) as error:
+        raise GenemapInputError(f"model class {name!r}: cannot import {MODELS[name]} ({error})") from None
 
 
 def model_name(cls: type) -> str:

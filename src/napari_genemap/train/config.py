@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from ..device import check_device_name
 from ..errors import GenemapInputError
 from ..models.registry import INPUT_MULTIPLE
 
@@ -78,6 +79,7 @@ class TrainConfig:
             raise GenemapInputError(f"{source}: window {self.window}: expected a multiple of {INPUT_MULTIPLE}")
         if self.steps < 1 or self.batch < 1 or self.mpp <= 0:
             raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
+        check_device_name(self.device, f"{source}: device")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
 
