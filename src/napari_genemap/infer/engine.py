@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 
 from ..data.resample import ModelFrameReader
 from ..device import resolve_device
+from ..errors import GenemapDataWarning
 from .cache import GeneMapCache, signature, slide_identity
 from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
@@ -221,8 +223,38 @@ class TileEngine:
 
     def read(self, level: int, i0: int, i1: int, j0: int, j1: int, genes=slice(None)) -> np.ndarray:
         """Map values (genes, i1 - i0, j1 - j0) of a region of ``level``, predicting what is missing."""
-        self.ensure(level, self.grid_tiles(level, i0, i1, j0, j1))
-        return self.cache.read(level, i0, i1, j0, j1, genes)
+        tiles = self.grid_tiles(level, i0, i1, j0, j1)
+        self.ensure(level, tiles)
+        try:
+            return self.cache.read(level, i0, i1, j0, j1, genes)
+        except Exception:  # a damaged tile (checksum, codec or shard index): recompute it, then read again
+            if not self.heal(level, tiles):
+                raise
+            self.ensure(level, tiles)
+            return self.cache.read(level, i0, i1, j0, j1, genes)
+
+    def heal(self, level: int | None = None, tiles: Iterable[Tile] | None = None) -> int:
+        """Make damaged cached tiles missing again (one warning for all), so that the next `ensure`
+        recomputes them; returns how many there were. Default: every tile of every level."""
+        bad: list[tuple[int, int, int]] = []
+        for index in range(self.n_levels) if level is None else [level]:
+            if tiles is None or level is None:
+                rows, columns = self.grid.tile_counts(index)
+                candidates: Iterable[Tile] = [(r, c) for r in range(rows) for c in range(columns)]
+            else:
+                candidates = tiles
+            bad += [(index, *tile) for tile in self.cache.damaged(index, candidates)]
+        for key in bad:
+            self.cache.invalidate(*key)
+        if bad:
+            named = ", ".join(f"level {L} tile {r}-{c}" for L, r, c in bad[:3]) + (", ..." if len(bad) > 3 else "")
+            warnings.warn(
+                f"{self.cache.path}: {len(bad)} cached tile(s) fail to decode or to match their checksums "
+                f"({named}); predicting them again",
+                GenemapDataWarning,
+                stacklevel=2,
+            )
+        return len(bad)
 
     def grid_tiles(self, level: int, i0: int, i1: int, j0: int, j1: int) -> list[Tile]:
         """Tiles of ``level`` holding a pixel of the region."""
@@ -244,6 +276,7 @@ class TileEngine:
     def _predict(self, tiles: list[Tile], progress: Progress | None, cancel: Callable[[], bool] | None) -> None:
         mine, theirs = self._claim(0, tiles)
         try:
+            mine, others = self._claim_files(mine)
             work = []
             for tile in mine:
                 if self.has_tissue(*tile):
@@ -253,6 +286,7 @@ class TileEngine:
                     self.cache.write(0, *tile, np.zeros((len(self.genes), rows, cols), np.float32))
                     self.stats["empty"] += 1
                     self._release(0, tile)
+                    self.cache.release(0, *tile)
             done, total = len(mine) - len(work), len(mine)
             logger.debug("level 0: %d tiles to compute, %d of them glass (zeros)", total, total - len(work))
             for batch, density in self._predict_batches(work, cancel):
@@ -260,16 +294,75 @@ class TileEngine:
                     self.cache.write(0, *tile, values)
                     self.stats["predicted"] += 1
                     self._release(0, tile)
+                    self.cache.release(0, *tile)
                 done += len(batch)
                 logger.debug("predicted tiles %s (%d/%d)", batch, done, total)
                 if progress is not None:
                     progress(done, total, f"{done}/{total} tiles")
+            self._await_others(others, progress, cancel)
         except BaseException as error:
-            for tile in mine:
+            for tile in mine + others:
                 self._release(0, tile, error)
+                if tile in mine:
+                    self.cache.release(0, *tile)
             raise
         for future in theirs:
             future.result()
+
+    def _claim_files(self, tiles: list[Tile]) -> tuple[list[Tile], list[Tile]]:
+        """Split this thread's tiles into those it claimed in the cache (another process may be filling the
+        same store) and those another live process is computing; a tile finished meanwhile is let go."""
+        mine, others = [], []
+        for tile in tiles:
+            if not self.cache.claim(0, *tile):
+                others.append(tile)
+            elif self.cache.has(0, *tile):  # finished by its previous owner just before we claimed it
+                self.cache.release(0, *tile)
+                self._release(0, tile)
+            else:
+                mine.append(tile)
+        return mine, others
+
+    def _await_others(
+        self, tiles: list[Tile], progress: Progress | None, cancel: Callable[[], bool] | None, poll: float = 0.1
+    ) -> None:
+        """Wait for tiles other processes claimed; compute those whose claim goes stale (owner died)."""
+        waiting = list(tiles)
+        if waiting:
+            logger.info("waiting for %d tiles another process is computing", len(waiting))
+        while waiting:
+            if cancel is not None and cancel():
+                raise InterruptedError("prediction cancelled")
+            still = []
+            for tile in waiting:
+                if self.cache.has(0, *tile):
+                    self._release(0, tile)
+                elif self.cache.claim_alive(0, *tile):
+                    still.append(tile)
+                elif not self._predict_claimed(tile):  # released unfinished, or its owner died: ours now
+                    still.append(tile)  # ...unless a third process took it over first
+            waiting = still
+            if waiting:
+                time.sleep(poll)
+
+    def _predict_claimed(self, tile: Tile) -> bool:
+        """Compute one tile another process gave up, if this process can claim it now (else False)."""
+        if not self.cache.claim(0, *tile):
+            return False
+        try:
+            if not self.cache.has(0, *tile):
+                if self.has_tissue(*tile):
+                    for _, density in self._predict_batches([tile]):
+                        self.cache.write(0, *tile, density[0])
+                    self.stats["predicted"] += 1
+                else:
+                    rows, cols = self.grid.tile_shape(0, *tile)
+                    self.cache.write(0, *tile, np.zeros((len(self.genes), rows, cols), np.float32))
+                    self.stats["empty"] += 1
+        finally:
+            self.cache.release(0, *tile)
+        self._release(0, tile)
+        return True
 
     def predict_tiles(self, tiles: list[Tile]) -> dict[Tile, np.ndarray]:
         """Float32 level-0 values of tiles, straight from the model (no cache): (genes, h, w) each."""

@@ -118,6 +118,7 @@ def predict_slide(
         wanted = _check_genes(genes, engine.genes)
         grid = engine.grid
         all_tiles = [(r, c) for r in range(grid.rows) for c in range(grid.columns)]
+        engine.heal()  # damaged cached tiles (checksums) count as missing: predicted again, one warning
         cached = [t for t in all_tiles if engine.cache.has(0, *t)]
         todo = [t for t in all_tiles if not engine.cache.has(0, *t)]
         # tasks hold neighbouring tiles in raster order (they share pyramid chunks)
