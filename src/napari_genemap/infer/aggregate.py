@@ -72,29 +72,70 @@ def read_prediction(path: str | os.PathLike) -> GeneMapSource:
         sdata = sd.read_zarr(path)
     except Exception as error:  # zarr/spatialdata raise many kinds; the user needs the file and the reason
         raise GenemapInputError(f"{path}: not a SpatialData store ({type(error).__name__}: {error})") from None
-    prediction = (sdata.attrs.get(ATTRS_KEY) or {}).get("prediction")
+    genemap_attrs = sdata.attrs.get(ATTRS_KEY)
+    prediction = genemap_attrs.get("prediction") if isinstance(genemap_attrs, dict) else None
     if GENE_MAPS_KEY not in sdata.images or not prediction:
         raise GenemapInputError(f"{path}: holds no gene maps (write one with 'genemap predict')")
+    if not isinstance(prediction, dict):
+        raise GenemapInputError(f"{path}: attribute {ATTRS_KEY}.prediction is not a mapping")
     element = sdata.images[GENE_MAPS_KEY]
     data = _level0(element).data
     genes = [str(g) for g in _level0(element).coords["c"].values]
-    protocol = Protocol.from_dict(prediction["protocol"])
+    try:
+        protocol = Protocol.from_dict(prediction.get("protocol"))  # type: ignore[arg-type]  # checked there
+    except (GenemapInputError, TypeError, ValueError) as error:
+        raise GenemapInputError(f"{path}: attribute {ATTRS_KEY}.prediction.protocol: {error}") from None
+    pixel_size = _map_pixel_size(path, element, prediction)
     read_total = None
     if len(genes) < protocol.n_genes:  # a subset was written: its normalisation needs the all-gene total
         if TOTAL_KEY not in sdata.images:
             raise GenemapInputError(f"{path}: holds {len(genes)} of the model's genes but no '{TOTAL_KEY}' image")
         total = _level0(sdata.images[TOTAL_KEY]).data
-        read_total = lambda i0, i1, j0, j1: np.asarray(total[:, i0:i1, j0:j1])  # noqa: E731
+        read_total = lambda i0, i1, j0, j1: _load(path, TOTAL_KEY, total[:, i0:i1, j0:j1])  # noqa: E731
     return GeneMapSource(
-        read=lambda i0, i1, j0, j1, genes: np.asarray(data[genes, i0:i1, j0:j1]),
+        read=lambda i0, i1, j0, j1, genes: _load(path, GENE_MAPS_KEY, data[genes, i0:i1, j0:j1]),
         shape=(int(data.shape[1]), int(data.shape[2])),
         genes=genes,
-        pixel_size=float(prediction["map_pixel_size"]),
+        pixel_size=pixel_size,
         protocol=protocol,
         slide_mpp=slide_mpp(sdata),
         provenance={"store": str(path), "model_sha256": prediction.get("model_sha256")},
         read_total=read_total,
     )
+
+
+def _load(path: Path, name: str, block) -> np.ndarray:
+    """Compute a block of a store's image; a damaged chunk (codec, checksum, missing file) in one line."""
+    try:
+        return np.asarray(block)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as error:  # zarr and numcodecs raise many kinds for a damaged chunk
+        detail = f"{type(error).__name__}: {error}".splitlines()[0]
+        raise GenemapInputError(f"{path}: image '{name}' has a damaged chunk ({detail})") from None
+
+
+def _map_pixel_size(path: Path, element, prediction: dict) -> float:
+    """Slide pixels per map pixel: the element's own Scale transform (what viewers draw), else the
+    ``map_pixel_size`` attribute; each must be a positive finite number."""
+    from spatialdata.transformations import get_transformation
+
+    try:
+        matrix = get_transformation(element, "global").to_affine_matrix(("y", "x"), ("y", "x"))
+        scale_y, scale_x = float(matrix[0, 0]), float(matrix[1, 1])
+        if np.isfinite(scale_y) and scale_y > 0 and np.isclose(scale_y, scale_x, rtol=1e-6):
+            return scale_y
+    except Exception:  # noqa: S110 - no usable transform: the attribute decides
+        pass
+    value = prediction.get("map_pixel_size")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value) or value <= 0:
+        from ..io.canonical import ATTRS_KEY
+
+        raise GenemapInputError(
+            f"{path}: attribute {ATTRS_KEY}.prediction.map_pixel_size is {value!r}; expected a positive number "
+            "(and the gene maps carry no usable scale transform)"
+        )
+    return float(value)
 
 
 def _level0(element):

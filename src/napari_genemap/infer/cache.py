@@ -230,6 +230,10 @@ class GeneMapCache:
         for row, column in tiles:
             if not self.has(level, row, column):
                 continue
+            shard = self._shard(level, row, column)
+            if not shard.is_file() or shard.stat().st_size == 0:  # zarr reads a missing or empty shard as zeros
+                bad.append((row, column))
+                continue
             i0, i1, j0, j1 = self.grid.map_box(row, column, level)
             try:
                 values = np.asarray(self.arrays[level][:, i0:i1, j0:j1])
@@ -243,8 +247,11 @@ class GeneMapCache:
     def invalidate(self, level: int, row: int, column: int) -> None:
         """Make a (damaged) tile missing: its marker goes first, then its shard."""
         self._marker(level, row, column).unlink(missing_ok=True)
-        shard = self.path / f"level{level}" / "c" / "0" / str(row) / str(column)
-        shard.unlink(missing_ok=True)
+        self._shard(level, row, column).unlink(missing_ok=True)
+
+    def _shard(self, level: int, row: int, column: int) -> Path:
+        """The file of a tile's shard (one shard per tile, all genes: shard key 0 on the gene axis)."""
+        return self.path / f"level{level}" / "c" / "0" / str(row) / str(column)
 
     # --- claims between processes (level 0) ---------------------------------------------------------------
     def _claim_path(self, level: int, row: int, column: int) -> Path:
@@ -269,6 +276,9 @@ class GeneMapCache:
                 raise GenemapInputError(f"{path}: cannot claim a tile ({_reason(error)})") from None
             try:
                 os.write(descriptor, record.encode())
+            except OSError as error:
+                path.unlink(missing_ok=True)
+                raise GenemapInputError(f"{path}: cannot claim a tile ({_reason(error)})") from None
             finally:
                 os.close(descriptor)
             return True

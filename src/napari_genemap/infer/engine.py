@@ -275,6 +275,7 @@ class TileEngine:
     # --- level 0: the model ------------------------------------------------------------------------------
     def _predict(self, tiles: list[Tile], progress: Progress | None, cancel: Callable[[], bool] | None) -> None:
         mine, theirs = self._claim(0, tiles)
+        others: list[Tile] = []
         try:
             mine, others = self._claim_files(mine)
             work = []

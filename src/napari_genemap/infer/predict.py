@@ -133,17 +133,22 @@ def predict_slide(
         if tissue:
             cluster = None
             if scheduler is None:
-                cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
-            with Client(scheduler or cluster) as client:
-                client.register_plugin(_engine_plugin(spec))
-                batches = [tissue[i : i + tiles_per_task] for i in range(0, len(tissue), tiles_per_task)]
-                futures = client.map(_predict_tiles_on_worker, batches, pure=False)
-                for done, future in enumerate(as_completed(futures), 1):
-                    predicted += future.result()
-                    if progress is not None:
-                        progress(done, len(batches), f"{min(done * tiles_per_task, len(tissue))}/{len(tissue)} tiles")
-            if cluster is not None:
-                cluster.close()
+                # ":0", a free port: with None the scheduler's HTTP server still tries 8787 and warns when another
+                # cluster (a second predict run) holds it
+                cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0")
+            try:
+                with Client(scheduler or cluster) as client:
+                    client.register_plugin(_engine_plugin(spec))
+                    batches = [tissue[i : i + tiles_per_task] for i in range(0, len(tissue), tiles_per_task)]
+                    futures = client.map(_predict_tiles_on_worker, batches, pure=False)
+                    for done, future in enumerate(as_completed(futures), 1):
+                        predicted += future.result()  # a worker's one-line error (e.g. a full cache) is raised here
+                        if progress is not None:
+                            shown = f"{min(done * tiles_per_task, len(tissue))}/{len(tissue)} tiles"
+                            progress(done, len(batches), shown)
+            finally:
+                if cluster is not None:  # also after a worker's error: no worker process left behind
+                    cluster.close()
         for level in range(1, engine.n_levels):
             rows, columns = engine.cache.tile_counts(level)
             engine.ensure(level, [(r, c) for r in range(rows) for c in range(columns)])
