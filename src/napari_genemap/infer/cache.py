@@ -168,13 +168,19 @@ class GeneMapCache:
             # else another process created the same store first: theirs is as good as ours
 
     def _check_writable(self) -> None:
-        """Fail now, in one line, if tiles could not be written (a read-only folder or file system)."""
+        """Fail now, in one line, if tiles could not be written (a read-only folder or file system, a full
+        disk: the probe holds one page). A disk that fills later fails at that tile's write, also in one line."""
         probe = self.path / "level0" / "done" / f".probe-{os.getpid()}-{time.monotonic_ns()}"
         try:
-            probe.touch(exist_ok=False)
-            probe.unlink()
+            with probe.open("xb") as handle:
+                handle.write(bytes(4096))
+                handle.flush()
+                os.fsync(handle.fileno())
         except OSError as error:
             raise GenemapInputError(f"{self.path}: cannot write to the gene-map cache ({_reason(error)})") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
 
     def _fill(self, group, staging: Path, value: dict, tissue: np.ndarray | None) -> None:
         from zarr.codecs import Crc32cCodec, ZstdCodec
