@@ -287,31 +287,61 @@ def test_a_dead_processs_claim_is_taken_over(clean, tmp_path):
     assert not claim.exists()
 
 
-@pytest.mark.slow  # two whole CLI processes at once: about 45 s on two cores
+def _level0_shards(cache: Path) -> int:
+    try:
+        return sum(1 for path in cache.rglob("level0/c/*/*/*") if path.is_file() and "partial" not in path.name)
+    except FileNotFoundError:  # the store's staging folder renamed under the walk
+        return 0
+
+
+@pytest.mark.slow  # two whole CLI processes, one after the other overlapping: about 60 s on two cores
 def test_two_predict_runs_on_one_cache_compute_each_tile_once(checkpoint, tmp_path):
+    """Run A is frozen (SIGSTOP) just after its first tile, in the middle of its first task; run B starts on
+    the same cache. B computes what A has not claimed, then waits for A's tiles (before: it computed them
+    too). A is thawed when B waits (or, before, when B has finished); each tile is computed once in all."""
+    import signal
+    import threading
+    import time
+
     cache = tmp_path / "cache"
-    runs = []
-    for name in ("a", "b"):
-        command = [
-            sys.executable,
-            "-m",
-            "napari_genemap.cli",
-            "predict",
-            str(IMAGE),
-            "--out",
-            str(tmp_path / f"{name}.zarr"),
-        ]
-        command += ["--model", str(checkpoint), *TILING, "--cache", str(cache)]
-        runs.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+
+    def command(name: str) -> list[str]:
+        out = ["--out", str(tmp_path / f"{name}.zarr"), "--model", str(checkpoint), *TILING, "--cache", str(cache)]
+        return [sys.executable, "-m", "napari_genemap.cli", "predict", str(IMAGE), *out]
+
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "start_new_session": True}
+    env = {**os.environ, "GENEMAP_LOG_LEVEL": "INFO"}
+    first = subprocess.Popen(command("a"), **pipes, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while _level0_shards(cache) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.killpg(first.pid, signal.SIGSTOP)  # driver and worker: A holds the claims of its first task
+        assert first.poll() is None and _level0_shards(cache) < 9, "A finished before it could be frozen"
+        second = subprocess.Popen(command("b"), **pipes, env=env)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(second.stderr), daemon=True)
+        reader.start()
+        while second.poll() is None and not any("another process is computing" in line for line in lines):
+            assert time.monotonic() < deadline + 120, "B neither waited for A nor finished"
+            time.sleep(0.05)
+        os.killpg(first.pid, signal.SIGCONT)
+        outputs = [process.communicate(timeout=240)[0] for process in (first, second)]
+        reader.join(timeout=10)
+    finally:
+        for process in (first, locals().get("second")):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    assert first.returncode == 0 and second.returncode == 0, "".join(lines)
     predicted, tissue = [], set()
-    for process in runs:
-        stdout, stderr = process.communicate(timeout=240)
-        assert process.returncode == 0, stderr
+    for stdout in outputs:
         counts = re.search(r"(\d+) tiles \((\d+) with tissue\), (\d+) already cached, (\d+) predicted", stdout)
         assert counts, stdout
         tissue.add(int(counts.group(2)))
         predicted.append(int(counts.group(4)))
     (tissue_tiles,) = tissue
-    assert sum(predicted) == tissue_tiles, predicted  # no tile computed twice (before: about twice each)
+    assert sum(predicted) == tissue_tiles, predicted  # no tile computed twice
+    assert predicted[1] > 0  # ...and B did share the work
     np.testing.assert_array_equal(_maps(tmp_path / "a.zarr"), _maps(tmp_path / "b.zarr"))
     assert not list(_store_dir(cache).glob("level0/claims/*"))  # every claim released
