@@ -16,6 +16,8 @@ from .infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
 #: how long ``--scheduler`` may take to answer before the run is refused (seconds)
 SCHEDULER_TIMEOUT = 3.0
+#: a circle's radius may be at most this many times the slide's longer side (beyond, a unit is wrong)
+MAX_RADIUS_SLIDES = 10
 
 
 class _Parser(argparse.ArgumentParser):
@@ -239,6 +241,13 @@ def cmd_aggregate(args) -> int:
     source = read_prediction(args.prediction)
     centers, radii = read_circles_csv(args.circles, source.slide_mpp)
     height, width = (side * source.pixel_size for side in source.shape)
+    too_big = radii > MAX_RADIUS_SLIDES * max(width, height)
+    if too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        raise GenemapInputError(
+            f"{args.circles}: row {row + 2}: radius {radii[row]:.6g} slide px is more than {MAX_RADIUS_SLIDES} times "
+            f"the slide ({width:.0f} x {height:.0f} px); expected radius in slide pixels or radius_um in µm"
+        )
     outside = circles_outside(centers, radii, width, height)
     if outside.any():
         first = int(np.flatnonzero(outside)[0])

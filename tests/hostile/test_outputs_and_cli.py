@@ -22,10 +22,6 @@ import torch
 
 import napari_genemap
 from napari_genemap.cli import main
-from napari_genemap.data.protocols import Protocol
-from napari_genemap.models.checkpoint import save_checkpoint
-from napari_genemap.models.encoders import EncoderConfig
-from napari_genemap.models.pixnet import PixNet, PixNetConfig
 from napari_genemap.sample import sample_root
 
 SAMPLE = sample_root()
@@ -33,38 +29,9 @@ IMAGE = SAMPLE / "images" / "B4_crop.jpg"  # found with its spots by the HER2ST 
 SRC = Path(napari_genemap.__file__).resolve().parents[1]  # the package under test, for subprocesses
 
 
-# --- shared, built once: a small checkpoint and its prediction of the sample (in-process, ~15 s) -------------
-def small_checkpoint(folder: Path) -> Path:
-    """A random PixNet at 4 µm/px, stride 8, three genes: fast enough to predict the sample."""
-    torch.manual_seed(0)
-    genes = ("ERBB2", "CD74", "COL1A1")
-    model = PixNet(PixNetConfig(len(genes), EncoderConfig(weights="random"), stride=8)).eval()
-    model.set_output_scale(torch.tensor([0.3, 1.0, 3.0]))
-    return save_checkpoint(
-        folder, model, protocol=Protocol("small", genes, target_sum=1e4, log="ln"), mpp=4.0, window=128
-    )
-
-
-def small_prediction(root: Path) -> tuple[Path, Path]:
-    """(checkpoint, store): what ``genemap predict`` writes, made without a cluster (one process)."""
-    from napari_genemap.infer.predict import EngineSpec, write_prediction
-
-    checkpoint = small_checkpoint(root / "small")
-    spec = EngineSpec(str(IMAGE), str(checkpoint), str(root / "cache"), tile=128, halo=64, device="cpu")
-    engine = spec.build()
-    try:
-        for level in range(engine.n_levels):
-            rows, columns = engine.cache.tile_counts(level)
-            engine.ensure(level, [(r, c) for r in range(rows) for c in range(columns)])
-        store = write_prediction(engine, spec, root / "pred.zarr", list(range(len(engine.genes))))
-    finally:
-        engine.close()
-    return checkpoint, store
-
-
 @pytest.fixture(scope="module")
-def prediction(tmp_path_factory) -> tuple[Path, Path]:
-    return small_prediction(tmp_path_factory.mktemp("prediction"))
+def prediction(small_prediction) -> tuple[Path, Path]:
+    return small_prediction  # (checkpoint, store): tests/conftest.py builds them once per session
 
 
 @pytest.fixture
