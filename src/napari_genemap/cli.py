@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         args = build_parser().parse_args(argv)
-    except SystemExit as stop:  # --help, or a bad argument (one line already printed)
+    except SystemExit as stop:  # a bad argument: its one line is printed; --help exits 0 as argparse does
+        if stop.code in (0, None):
+            raise
         return stop.code if isinstance(stop.code, int) else 2
     with warnings.catch_warnings():
         warnings.simplefilter("default", GenemapDataWarning)
