@@ -64,3 +64,36 @@ def sample_slide():
     from napari_genemap.sample import read_sample
 
     return read_sample()
+
+
+@pytest.fixture(scope="session")
+def small_prediction(tmp_path_factory):
+    """(checkpoint, store): a random three-gene PixNet at 4 µm/px, stride 8, and the prediction store that
+    ``genemap predict`` writes for the bundled sample with it, made in one process (no cluster, ~15 s)."""
+    import torch
+
+    from napari_genemap.data.protocols import Protocol
+    from napari_genemap.infer.predict import EngineSpec, write_prediction
+    from napari_genemap.models.checkpoint import save_checkpoint
+    from napari_genemap.models.encoders import EncoderConfig
+    from napari_genemap.models.pixnet import PixNet, PixNetConfig
+    from napari_genemap.sample import sample_root
+
+    root = tmp_path_factory.mktemp("small_prediction")
+    torch.manual_seed(0)
+    genes = ("ERBB2", "CD74", "COL1A1")
+    model = PixNet(PixNetConfig(len(genes), EncoderConfig(weights="random"), stride=8)).eval()
+    model.set_output_scale(torch.tensor([0.3, 1.0, 3.0]))
+    protocol = Protocol("small", genes, target_sum=1e4, log="ln")
+    checkpoint = save_checkpoint(root / "small", model, protocol=protocol, mpp=4.0, window=128)
+    image = sample_root() / "images" / "B4_crop.jpg"
+    spec = EngineSpec(str(image), str(checkpoint), str(root / "cache"), tile=128, halo=64, device="cpu")
+    engine = spec.build()
+    try:
+        for level in range(engine.n_levels):
+            rows, columns = engine.cache.tile_counts(level)
+            engine.ensure(level, [(r, c) for r in range(rows) for c in range(columns)])
+        store = write_prediction(engine, spec, root / "pred.zarr", list(range(len(engine.genes))))
+    finally:
+        engine.close()
+    return checkpoint, store

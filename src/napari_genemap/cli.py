@@ -14,6 +14,28 @@ from .device import DEVICES
 from .errors import GenemapDataWarning, GenemapInputError
 from .infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
+#: how long ``--scheduler`` may take to answer before the run is refused (seconds)
+SCHEDULER_TIMEOUT = 3.0
+#: a circle's radius may be at most this many times the slide's longer side (beyond, a unit is wrong)
+MAX_RADIUS_SLIDES = 10
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's error contract: a bad argument is one line on stderr and exit 2,
+    not a usage block (``--help`` still shows it)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("genemap").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"genemap: error: {where}{' '.join(message.split())} (see genemap {command} --help)\n")
+
+
+def check_output_place(path, what: str, **options) -> Path:
+    """`napari_genemap.io.atomic.check_output_place`, imported when used (``genemap --help`` stays quick)."""
+    from .io.atomic import check_output_place as check
+
+    return check(path, what, **options)
+
 
 def _add_read_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--section", help="section name, for a HER2ST folder (e.g. B4)")
@@ -31,15 +53,23 @@ def cmd_info(args) -> int:
 def cmd_convert(args) -> int:
     from .io import read_slide, write_store
 
+    check_output_place(args.out, "the store", folder=True, make_parents=True)
     sdata = read_slide(args.slide, section=args.section, mpp=args.mpp)
-    out = write_store(sdata, args.out, overwrite=args.overwrite)
+    try:
+        out = write_store(sdata, args.out, overwrite=args.overwrite)
+    except OSError as error:  # a full disk or a file system gone read-only; the temporary store is removed
+        reason = error.strerror or " ".join(str(error).split())
+        raise GenemapInputError(f"{args.out}: cannot write the store ({reason})") from None
     print(f"wrote {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .evaluate.tables import evaluate_files
+    from .io.atomic import atomic_file
 
+    if args.per_gene:  # before the evaluation: a place that cannot take the file is refused up front
+        check_output_place(args.per_gene, "the per-gene correlations")
     evaluation = evaluate_files(
         args.prediction,
         args.truth,
@@ -51,7 +81,13 @@ def cmd_evaluate(args) -> int:
     print(evaluation.describe())
     print(evaluation.summary.to_string(float_format=lambda v: f"{v:.4f}"))
     if args.per_gene:
-        evaluation.per_gene.to_csv(args.per_gene)
+        try:
+            with atomic_file(args.per_gene) as temporary:
+                evaluation.per_gene.to_csv(temporary)
+        except OSError as error:
+            raise GenemapInputError(
+                f"{args.per_gene}: cannot write the per-gene correlations ({error.strerror or error})"
+            ) from None
         print(f"per-gene correlations written to {args.per_gene}")
     return 0
 
@@ -59,7 +95,8 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), Path(args.model) if args.model else None)
+    out = check_output_place(args.out, "the demo's outputs", folder=True, make_parents=True, inside=True)
+    run_demo(out, Path(args.model) if args.model else None)
     return 0
 
 
@@ -79,6 +116,9 @@ def cmd_train(args) -> int:
         config.out = args.out
     if args.resume:
         config.resume = args.resume
+    # saving writes a sibling of the checkpoint folder, then renames: a place that cannot take it is
+    # refused now, not at the first save after minutes of training
+    check_output_place(config.out, "the checkpoint", folder=True, make_parents=True)
     stop = []
     previous = {
         signum: signal.signal(signum, lambda *_: stop.append(True)) for signum in (signal.SIGINT, signal.SIGTERM)
@@ -121,16 +161,29 @@ def cmd_predict(args) -> int:
     from tqdm import tqdm
 
     from .checkpoints import shipped_checkpoint
+    from .device import resolve_device
     from .infer.predict import EngineSpec, predict_slide
     from .models.checkpoint import read_checkpoint_config
 
+    # every argument is checked before anything is read, created or computed
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        raise GenemapInputError(f"--out {out}: a SpatialData store's name must end in .zarr")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise GenemapInputError(f"{out}: already exists (pass --overwrite)")
+    check_output_place(out, "the prediction store", folder=True, make_parents=True)
+    cache = Path(args.cache) if args.cache else out.parent / f"{out.name}.cache"
+    check_output_place(cache, "the tile cache", folder=True, make_parents=True)
+    slide = _resolved(args.slide, "slide")
+    resolve_device(args.device)  # 'cuda' without CUDA is refused before the cache is created
+    if args.scheduler:
+        check_scheduler(args.scheduler)
     checkpoint = Path(args.model) if args.model else shipped_checkpoint()
     read_checkpoint_config(checkpoint)  # a bad checkpoint fails here, before any slide is read
-    out = Path(args.out)
     spec = EngineSpec(
-        slide=str(Path(args.slide).resolve()),
-        checkpoint=str(checkpoint.resolve()),
-        cache_root=str(Path(args.cache).resolve() if args.cache else out.resolve().parent / f"{out.name}.cache"),
+        slide=str(slide),
+        checkpoint=str(_resolved(checkpoint, "--model")),
+        cache_root=str(_resolved(cache, "--cache")),
         section=args.section,
         mpp=args.mpp,
         tile=args.tile,
@@ -161,20 +214,111 @@ def cmd_predict(args) -> int:
 
 
 def cmd_aggregate(args) -> int:
-    from .explore.rois import circles, roi_table
+    import numpy as np
+
+    from .explore.rois import circles, circles_outside, roi_table
     from .infer.aggregate import aggregate_circles, read_circles_csv, read_prediction
-    from .io.rois import write_csv, write_h5ad
+    from .io.rois import write_table_files
+
+    # every output is checked before any work and before any is written: all of them appear, or none
+    out, h5ad = Path(args.out), Path(args.h5ad) if args.h5ad else None
+    inputs = {"--circles": Path(args.circles), "the prediction store": Path(args.prediction)}
+    outputs = {"--out": (out, "the CSV")} | ({"--h5ad": (h5ad, "the AnnData file")} if h5ad else {})
+    if h5ad is not None and h5ad.suffix != ".h5ad":
+        raise GenemapInputError(f"--h5ad {h5ad}: an AnnData file's name must end in .h5ad")
+    if h5ad is not None and _same_path(out, h5ad):
+        raise GenemapInputError(f"--out and --h5ad are both {out}; expected two different files")
+    for option, (path, what) in outputs.items():
+        for name, given in inputs.items():
+            if _same_path(path, given):
+                raise GenemapInputError(
+                    f"{option} {path} is {name}; writing there would replace the input: choose another file"
+                )
+        if (path.exists() or path.is_symlink()) and not path.is_dir() and not args.overwrite:
+            raise GenemapInputError(f"{option} {path}: already exists (pass --overwrite)")
+        check_output_place(path, what)
 
     source = read_prediction(args.prediction)
     centers, radii = read_circles_csv(args.circles, source.slide_mpp)
+    height, width = (side * source.pixel_size for side in source.shape)
+    too_big = radii > MAX_RADIUS_SLIDES * max(width, height)
+    if too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        raise GenemapInputError(
+            f"{args.circles}: row {row + 2}: radius {radii[row]:.6g} slide px is more than {MAX_RADIUS_SLIDES} times "
+            f"the slide ({width:.0f} x {height:.0f} px); expected radius in slide pixels or radius_um in µm"
+        )
+    outside = circles_outside(centers, radii, width, height)
+    if outside.any():
+        first = int(np.flatnonzero(outside)[0])
+        warnings.warn(
+            f"{args.circles}: {int(outside.sum())} of {len(radii)} circles lie wholly outside the predicted "
+            f"map (0-{width:.0f} x 0-{height:.0f} slide px; first: row {first + 2}); their values are 0",
+            GenemapDataWarning,
+            stacklevel=2,
+        )
     table = aggregate_circles(source, centers, radii)
     # the Spots panel's table and files: name, kind, geometry in µm and slide pixels, then the genes
     table = roi_table(circles(centers, radii, table.obs_names), table, source.slide_mpp)
-    out = write_csv(table, args.out)
-    if args.h5ad:
-        write_h5ad(table, args.h5ad)
-    print(f"wrote {out}: {table.n_obs} circles x {table.n_vars} genes (protocol {source.protocol.name})")
+    undefined = ~np.isfinite(np.asarray(table.X, dtype=np.float64))
+    if undefined.any():
+        rows = np.flatnonzero(undefined.any(axis=1))
+        warnings.warn(
+            f"{args.circles}: {len(rows)} of {table.n_obs} circles have undefined (NaN or infinite) values "
+            f"in {int(undefined.any(axis=0).sum())} genes (first: row {rows[0] + 2}); check the prediction store",
+            GenemapDataWarning,
+            stacklevel=2,
+        )
+    written = write_table_files(table, csv=out, h5ad=h5ad)
+    print(
+        f"wrote {' and '.join(map(str, written))}: {table.n_obs} circles x {table.n_vars} genes "
+        f"(protocol {source.protocol.name})"
+    )
     return 0
+
+
+def _same_path(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (through links and relative parts; a missing one by its name)."""
+    try:
+        if first.exists() and second.exists():
+            return first.samefile(second)
+        return first.resolve() == second.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def _resolved(path: str | Path, what: str) -> Path:
+    """``path`` made absolute through its links; a link loop is one line, not a RuntimeError."""
+    try:
+        return Path(path).resolve()
+    except (OSError, RuntimeError) as error:
+        raise GenemapInputError(f"{path}: cannot follow the {what} path ({error}); expected a file or folder") from None
+
+
+def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> None:
+    """Refuse, within ``timeout`` seconds, a ``tcp://`` / ``tls://`` scheduler address nothing listens at
+    (distributed itself waits 30 s, then raises a traceback). Other protocols are left to distributed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls"):
+        return
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None:
+        raise GenemapInputError(f"--scheduler {address}: expected an address like tcp://HOST:8786")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error) or type(error).__name__
+        raise GenemapInputError(
+            f"--scheduler {address}: no scheduler answers at {host}:{port} ({reason}); "
+            "start one there (dask scheduler) or leave --scheduler out"
+        ) from None
 
 
 def _validation_line(record: dict) -> str:
@@ -183,7 +327,7 @@ def _validation_line(record: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genemap", description="Spatial gene expression from H&E histology.")
+    parser = _Parser(prog="genemap", description="Spatial gene expression from H&E histology.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="summarise a slide (spots, genes, µm/px)")
@@ -243,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="output CSV: name, kind, x_um, y_um, radius_um, area_um2, x_px, ..., then the genes",
     )
     aggregate.add_argument("--h5ad", help="also write the AnnData (raw integrals in layers['integral'])")
+    aggregate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     aggregate.set_defaults(run=cmd_aggregate)
 
     demo = sub.add_parser("demo", help="run the main job on the bundled sample")
@@ -260,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     from .log import configure_logging  # GENEMAP_LOG_LEVEL
 
     configure_logging()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # a bad argument: its one line is printed; --help exits 0 as argparse does
+        if stop.code in (0, None):
+            raise
+        return stop.code if isinstance(stop.code, int) else 2
     with warnings.catch_warnings():
         warnings.simplefilter("default", GenemapDataWarning)
         warnings.showwarning = _one_line_warning
@@ -269,9 +419,18 @@ def main(argv: list[str] | None = None) -> int:
         except GenemapInputError as error:
             print(f"genemap: error: {error}", file=sys.stderr)
             return 2
+        except OSError as error:  # the file system said no (full disk, read-only, gone): one line, not a traceback
+            print(f"genemap: error: {_os_error_line(error)}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("genemap: interrupted", file=sys.stderr)
             return 130
+
+
+def _os_error_line(error: OSError) -> str:
+    where = error.filename if error.filename is not None else "a file"
+    reason = error.strerror or " ".join(str(error).split()) or type(error).__name__
+    return f"{where}: {reason}"
 
 
 if __name__ == "__main__":

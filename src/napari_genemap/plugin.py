@@ -10,13 +10,20 @@ from .errors import GenemapInputError
 
 def get_reader(path):
     """napari's reader hook: a reader function for slides we recognise, else None (never raises)."""
+    import os
+
     from .io import detect_format
 
-    if isinstance(path, list):
+    if isinstance(path, list | tuple):
         if len(path) != 1:
             return None
         path = path[0]
-    if detect_format(path) is None:
+    if not isinstance(path, str | os.PathLike):  # napari may offer other things; they are not ours
+        return None
+    try:
+        if detect_format(path) is None:
+            return None
+    except (GenemapInputError, OSError, ValueError, TypeError, RuntimeError):  # unreadable: another reader's turn
         return None
     return read_layers
 

@@ -105,6 +105,15 @@ def circles(centers: np.ndarray, radii: np.ndarray, names: Sequence[str]) -> gpd
     )
 
 
+def circles_outside(centers: np.ndarray, radii: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Which circles ((x, y) centres and radii, slide pixels) lie wholly outside ``0..width x 0..height``:
+    their integrals are zero (nothing there was predicted), which a user should hear about."""
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+    x, y = centers[:, 0], centers[:, 1]
+    return np.asarray((x + radii <= 0) | (y + radii <= 0) | (x - radii >= width) | (y - radii >= height))
+
+
 def _valid_polygon(xy: np.ndarray, name: str):
     import shapely
 

@@ -10,14 +10,52 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..errors import GenemapInputError
+
 
 def _sibling(path: Path, tag: str, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.{tag}{suffix}")
+
+
+def check_output_place(
+    path: str | os.PathLike, what: str, *, folder: bool = False, make_parents: bool = False, inside: bool = False
+) -> Path:
+    """Refuse, in one line and before any work, an output that cannot be written at ``path``.
+
+    ``what`` names the output in the message ("the CSV"). A file output must not be an existing folder,
+    a ``folder`` output not an existing file. Its folder must exist (unless ``make_parents``: then its
+    nearest existing ancestor counts) and take a new file, which is tried (a read-only folder or file
+    system, a full disk's missing inodes: permission bits alone do not tell, e.g. for root). ``inside``:
+    the writer writes into ``path`` itself (a folder of outputs), so that is where it is tried."""
+    path = Path(path)
+    place = path.parent
+    try:
+        if not folder and path.is_dir():
+            raise GenemapInputError(f"{path}: is a folder; expected a file name for {what}")
+        if folder and (path.is_file() or (path.exists() and not path.is_dir())):
+            raise GenemapInputError(f"{path}: is a file; expected a folder for {what}")
+        place = path if inside and path.is_dir() else path.parent
+        if not place.is_dir():
+            if place.exists():
+                raise GenemapInputError(f"{path}: {place} is a file, not a folder; cannot write {what} there")
+            if not make_parents:
+                raise GenemapInputError(f"{path}: folder {place} does not exist; create it first for {what}")
+            while not place.is_dir():
+                if place.exists() or place == place.parent:
+                    raise GenemapInputError(f"{path}: {place} is not a folder; cannot write {what} there")
+                place = place.parent
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=place)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise GenemapInputError(f"{path}: cannot write {what} in {place} ({error.strerror or error})") from None
+    return path
 
 
 @contextlib.contextmanager

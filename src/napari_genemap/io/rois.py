@@ -20,10 +20,13 @@ A store reopened without a model still shows its saved table (`saved_expression`
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,27 +76,55 @@ def roi_frame(table: ad.AnnData) -> pd.DataFrame:
 
 def write_csv(table: ad.AnnData, path: str | os.PathLike) -> Path:
     """Write `roi_frame` (6 significant digits) through a temporary file, so no half-written CSV is left."""
-    return _write_through_temporary(
-        Path(path), lambda target: roi_frame(table).to_csv(target, index=False, float_format="%.6g"), "the CSV"
-    )
+    return write_table_files(table, csv=path)[0]
 
 
 def write_h5ad(table: ad.AnnData, path: str | os.PathLike) -> Path:
     """Write the ROI table as .h5ad through a temporary file."""
-    path = Path(path)
-    if path.suffix != ".h5ad":
-        raise GenemapInputError(f"{path}: an AnnData file's name must end in .h5ad")
-    return _write_through_temporary(path, table.write_h5ad, "the AnnData file", suffix=".h5ad")
+    return write_table_files(table, h5ad=path)[0]
 
 
-def _write_through_temporary(path: Path, write, what: str, suffix: str = "") -> Path:
-    """``write(temporary)`` then rename onto ``path``: no half-written file is ever left at ``path``."""
+def write_table_files(
+    table: ad.AnnData, csv: str | os.PathLike | None = None, h5ad: str | os.PathLike | None = None
+) -> list[Path]:
+    """Write the ROI table as CSV and/or .h5ad: all of them or none.
+
+    Each goes to a temporary sibling first; only when every one is complete are they renamed onto their
+    names, so a failure (a full disk, a missing folder) leaves neither a half file nor half the outputs."""
+    targets: list[tuple[Path, str, str, Callable[[Path], object]]] = []
+    if csv is not None:
+        targets.append((Path(csv), "the CSV", Path(csv).suffix, lambda target: _write_frame(table, target)))
+    if h5ad is not None:
+        if Path(h5ad).suffix != ".h5ad":
+            raise GenemapInputError(f"{h5ad}: an AnnData file's name must end in .h5ad")
+        targets.append((Path(h5ad), "the AnnData file", ".h5ad", table.write_h5ad))
+    for path, what, _, _ in targets:
+        if path.is_dir():
+            raise GenemapInputError(f"{path}: is a folder; expected a file name for {what}")
+    current = 0  # the output being written, for the message
     try:
-        with atomic_file(path, suffix) as temporary:
-            write(temporary)
+        with contextlib.ExitStack() as stack:
+            for index, (path, _, suffix, write) in enumerate(targets):
+                current = index
+                temporary = stack.enter_context(atomic_file(path, suffix))
+                write(temporary)
+            # leaving the stack renames every temporary onto its name (last first), or removes them all
     except OSError as error:
-        raise GenemapInputError(f"{path}: cannot write {what} ({error.strerror or error})") from None
-    return path
+        path, what = targets[current][:2]
+        raise GenemapInputError(f"{path}: cannot write {what} ({_os_reason(error)})") from None
+    return [target[0] for target in targets]
+
+
+def _write_frame(table: ad.AnnData, target: Path) -> None:
+    roi_frame(table).to_csv(target, index=False, float_format="%.6g")
+
+
+def _os_reason(error: OSError) -> str:
+    """The short reason of an OSError (h5py puts the C library's one deep inside a long message)."""
+    found = re.search(r"error message = '([^']*)'", str(error))
+    if found:
+        return found.group(1)
+    return error.strerror or str(error).split(" (")[0]
 
 
 # --- SpatialData ---------------------------------------------------------------------------------------------
