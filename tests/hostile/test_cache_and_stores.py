@@ -248,8 +248,23 @@ def test_a_read_only_cache_is_one_line(clean, checkpoint, tmp_path, capsys):
         capsys.readouterr()
         assert _predict(checkpoint, cache, tmp_path / "x.zarr") == 2
         line = _one_line(capsys.readouterr().err, "error")
-        assert str(_store_dir(cache)) in line and "Read-only" in line
+        # genemap predict checks the cache folder before any work; the cache itself refuses too (the tile service)
+        assert str(cache) in line and "Read-only" in line
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_a_read_only_cache_is_refused_by_the_cache_itself(clean, checkpoint, tmp_path):
+    """What the tile service meets (it builds the engine without the CLI's up-front check of the folder)."""
+    from napari_genemap.errors import GenemapInputError
+    from napari_genemap.infer.predict import EngineSpec
+
+    with _tmpfs(tmp_path / "mnt", "4m") as mount:
+        cache = _copy_cache(clean, mount / "cache")
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        spec = EngineSpec(slide=str(IMAGE), checkpoint=str(checkpoint), cache_root=str(cache), tile=128, halo=64)
+        with pytest.raises(GenemapInputError, match="Read-only") as error:
+            spec.build()
+        assert str(error.value).startswith(f"{_store_dir(cache)}: cannot write to the gene-map cache")
 
 
 def test_a_full_cache_is_one_line_and_leaves_no_half_tile(clean, checkpoint, tmp_path, capsys):
