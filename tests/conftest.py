@@ -67,25 +67,32 @@ def sample_slide():
 
 
 @pytest.fixture(scope="session")
-def small_prediction(tmp_path_factory):
-    """(checkpoint, store): a random three-gene PixNet at 4 µm/px, stride 8, and the prediction store that
-    ``genemap predict`` writes for the bundled sample with it, made in one process (no cluster, ~15 s)."""
+def random_checkpoint(tmp_path_factory) -> Path:
+    """A small random PixNet at 4 µm/px, stride 8, three genes: fast enough to predict the sample often."""
     import torch
 
     from napari_genemap.data.protocols import Protocol
-    from napari_genemap.infer.predict import EngineSpec, write_prediction
     from napari_genemap.models.checkpoint import save_checkpoint
     from napari_genemap.models.encoders import EncoderConfig
     from napari_genemap.models.pixnet import PixNet, PixNetConfig
-    from napari_genemap.sample import sample_root
 
-    root = tmp_path_factory.mktemp("small_prediction")
     torch.manual_seed(0)
     genes = ("ERBB2", "CD74", "COL1A1")
     model = PixNet(PixNetConfig(len(genes), EncoderConfig(weights="random"), stride=8)).eval()
     model.set_output_scale(torch.tensor([0.3, 1.0, 3.0]))
     protocol = Protocol("small", genes, target_sum=1e4, log="ln")
-    checkpoint = save_checkpoint(root / "small", model, protocol=protocol, mpp=4.0, window=128)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", model, protocol=protocol, mpp=4.0, window=128)
+
+
+@pytest.fixture(scope="session")
+def small_prediction(tmp_path_factory, random_checkpoint):
+    """(checkpoint, store): `random_checkpoint` and the prediction store that ``genemap predict`` writes for
+    the bundled sample with it, made in one process (no cluster, ~15 s)."""
+    from napari_genemap.infer.predict import EngineSpec, write_prediction
+    from napari_genemap.sample import sample_root
+
+    root = tmp_path_factory.mktemp("small_prediction")
+    checkpoint = random_checkpoint
     image = sample_root() / "images" / "B4_crop.jpg"
     spec = EngineSpec(str(image), str(checkpoint), str(root / "cache"), tile=128, halo=64, device="cpu")
     engine = spec.build()

@@ -8,7 +8,9 @@ and ``metadata["sdata"]`` holds the slide so a writer can save it back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -179,16 +181,21 @@ def map_legend(cache, sdata) -> str:
     )
 
 
-def show_only_slide(layers, slide: str | None) -> None:
-    """Hide the ``layers`` of other slides (remembering which were shown) and show again those of ``slide``
-    that an earlier switch hid: the layers a user hid stay hidden."""
+def show_only(layers, belongs: Callable[[Any], bool]) -> None:
+    """Hide the ``layers`` that do not ``belong`` (remembering which were shown) and show again those that
+    do and that an earlier switch hid: the layers a user hid stay hidden."""
     for layer in layers:
         info = layer.metadata["genemap"]
-        if info.get("slide") != slide and layer.visible:
+        if not belongs(layer) and layer.visible:
             layer.visible = False
             info["hidden_by_switch"] = True
-        elif info.get("slide") == slide and info.pop("hidden_by_switch", False):
+        elif belongs(layer) and info.pop("hidden_by_switch", False):
             layer.visible = True
+
+
+def show_only_slide(layers, slide: str | None) -> None:
+    """`show_only` the layers whose metadata names ``slide`` (the session's key of the active slide)."""
+    show_only(layers, lambda layer: layer.metadata["genemap"].get("slide") == slide)
 
 
 def measured_on_map_layer(sdata, gene: str, slide: str, taken=()) -> tuple | None:

@@ -20,13 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from napari_genemap.cli import main
-from napari_genemap.data.protocols import Protocol
-from napari_genemap.models.checkpoint import save_checkpoint
-from napari_genemap.models.encoders import EncoderConfig
-from napari_genemap.models.pixnet import PixNet, PixNetConfig
 from napari_genemap.sample import sample_root
 
 IMAGE = sample_root() / "images" / "B4_crop.jpg"
@@ -35,13 +30,8 @@ TILE = (1, 1)  # a tissue tile in the middle of the 3 x 3 grid
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    genes = ("ERBB2", "CD74", "COL1A1")
-    model = PixNet(PixNetConfig(len(genes), EncoderConfig(weights="random"), stride=8)).eval()
-    model.set_output_scale(torch.tensor([0.3, 1.0, 3.0]))
-    protocol = Protocol("small", genes, target_sum=1e4, log="ln")
-    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "small", model, protocol=protocol, mpp=4.0, window=128)
+def checkpoint(random_checkpoint) -> Path:
+    return random_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 
 from ..device import DEVICES
 from ..errors import GenemapInputError
-from ..layers import HE
+from ..layers import HE, show_only
 from ._qt import connect_session, wrapped_label
 
 
@@ -164,15 +164,8 @@ class SlideModelWidget(QWidget):
 
     def _show_only(self, sdata) -> None:
         """Show the active slide's H&E and spots; hide the other slides' (they open at the same place)."""
-        for layer in self.viewer.layers:
-            if "sdata" not in layer.metadata or "genemap" not in layer.metadata:
-                continue
-            info = layer.metadata["genemap"]
-            if layer.metadata["sdata"] is not sdata and layer.visible:
-                layer.visible = False
-                info["hidden_by_switch"] = True
-            elif layer.metadata["sdata"] is sdata and info.pop("hidden_by_switch", False):
-                layer.visible = True
+        slide_layers = [layer for layer in self.viewer.layers if {"sdata", "genemap"} <= set(layer.metadata)]
+        show_only(slide_layers, lambda layer: layer.metadata["sdata"] is sdata)
 
     def _others_note(self) -> str:
         others = len(he_layers(self.viewer)) - 1
