@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .device import DEVICES
 from .errors import GenemapDataWarning, GenemapInputError
+from .infer.backends import BACKENDS
 from .infer.grid import DEFAULT_HALO, DEFAULT_TILE
 
 #: how long ``--scheduler`` may take to answer before the run is refused (seconds)
@@ -175,7 +176,10 @@ def cmd_predict(args) -> int:
     cache = Path(args.cache) if args.cache else out.parent / f"{out.name}.cache"
     check_output_place(cache, "the tile cache", folder=True, make_parents=True)
     slide = _resolved(args.slide, "slide")
-    resolve_device(args.device)  # 'cuda' without CUDA is refused before the cache is created
+    from .infer.backends import resolve_backend
+
+    # 'cuda' without CUDA, or a CPU backend on a GPU, is refused before the cache is created
+    resolve_backend(args.backend, resolve_device(args.device).type)
     if args.scheduler:
         check_scheduler(args.scheduler)
     checkpoint = Path(args.model) if args.model else shipped_checkpoint()
@@ -189,6 +193,7 @@ def cmd_predict(args) -> int:
         tile=args.tile,
         halo=args.halo,
         device=args.device,
+        backend=args.backend,
     )
     bars: list[tqdm] = []  # the bar appears with the first finished task, so an early error stays one line
 
@@ -374,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in model pixels (multiple of 32)")
     predict.add_argument("--halo", type=int, default=DEFAULT_HALO, help="context around each tile, model pixels")
     predict.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
+    predict.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="what runs the model; auto: OpenVINO on a CPU (bfloat16 where native), torch on a GPU",
+    )
     predict.add_argument("--overwrite", action="store_true")
     _add_read_options(predict)
     predict.set_defaults(run=cmd_predict)

@@ -35,7 +35,9 @@ def engine(sample_slide, tmp_path):
 
 def test_tiles_agree_with_one_large_window(sample_slide, tmp_path):
     """2 x 2 tiles with a 448 px halo, each predicted alone, against one window over all four (1e-4)."""
-    engine = TileEngine(small_model(), sample_slide, tmp_path, tile=64, halo=448, skip_background=False)
+    engine = TileEngine(
+        small_model(), sample_slide, tmp_path, tile=64, halo=448, skip_background=False, backend="torch"
+    )
     try:
         tiles = engine.predict_tiles([(1, 1), (1, 2), (2, 1), (2, 2)])
         window = engine.reader.read(64 - 448, 192 + 448, 64 - 448, 192 + 448)

@@ -12,8 +12,8 @@ from napari_genemap.log import log_level
 
 
 def test_typed_events_become_the_payloads_the_widgets_read():
-    assert ServiceEvent.of(Ready("/c.zarr", ["A"], "cpu")) == ServiceEvent(
-        "ready", {"cache": "/c.zarr", "genes": ["A"], "device": "cpu"}
+    assert ServiceEvent.of(Ready("/c.zarr", ["A"], "cpu", "openvino")) == ServiceEvent(
+        "ready", {"cache": "/c.zarr", "genes": ["A"], "device": "cpu", "backend": "openvino"}
     )
     tiles = ServiceEvent.of(TilesDone(((0, 1, 2),), queued=3, paused=False, total=4, eta_s=None))
     assert tiles == ServiceEvent(

@@ -23,25 +23,49 @@ import numpy as np
 from ..data.resample import ModelFrameReader
 from ..device import resolve_device
 from ..errors import GenemapDataWarning
+from .backends import Runner, build_runner, check_backend_name, resolve_backend
 from .cache import GeneMapCache, signature, slide_identity
 from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
 Tile = tuple[int, int]
+RunnerFactory = Callable[[int], tuple[Runner, str]]
 Progress = Callable[[int, int, str], None]
 
 logger = logging.getLogger(__name__)
 
 
 class ModelOwner:
-    """A thread that owns the model: batches of windows (n, H, W, 3) uint8 in, density maps out."""
+    """A thread that owns the model: batches of windows (n, H, W, 3) uint8 in, density maps out.
 
-    def __init__(self, model, device: str = "auto"):
+    The thread builds its runner first (`backends.build_runner`: an export or compile may take seconds),
+    so a caller that needs the model ready waits with `ready`; ``margin`` output pixels are dropped on
+    each side of every window's map."""
+
+    def __init__(
+        self,
+        loaded,
+        device: str = "auto",
+        *,
+        backend: str = "auto",
+        margin: int = 0,
+        export_root: str | Path | None = None,
+        runner_factory: RunnerFactory | None = None,
+    ):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        self.requested_backend = check_backend_name(backend)
+        self.backend = ""  # the one it got, once ready
         self.busy_seconds = 0.0  # time spent in the model, to tell model cost from overhead
+        self._build = runner_factory or (
+            lambda threads: build_runner(loaded, backend, self.device, margin, export_root, threads)
+        )
+        self._ready: Future[str] = Future()
         self._requests: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="genemap-model", daemon=True)
         self._thread.start()
+
+    def ready(self, timeout: float | None = None) -> str:
+        """Wait until the runner is built; returns its backend (raises what building it raised)."""
+        return self._ready.result(timeout)
 
     def submit(self, windows: np.ndarray) -> Future:
         future: Future = Future()
@@ -51,8 +75,12 @@ class ModelOwner:
     def _serve(self) -> None:
         import torch
 
-        from ..models.predict import to_input
-
+        run: Runner | None = None
+        try:
+            run, self.backend = self._build(torch.get_num_threads())
+            self._ready.set_result(self.backend)
+        except BaseException as error:  # every request then re-raises it
+            self._ready.set_exception(error)
         while True:
             item = self._requests.get()
             if item is None:
@@ -62,14 +90,10 @@ class ModelOwner:
                 continue
             started = time.perf_counter()
             try:
-                with torch.inference_mode():
-                    pixels = to_input(windows, self.device)
-                    if self.device.type == "cuda":
-                        with torch.autocast("cuda", dtype=torch.float16):
-                            out = self.model(pixels)
-                    else:
-                        out = self.model(pixels)
-                result = out.float().cpu().numpy()
+                if run is None:
+                    self._ready.result()  # re-raises why there is no runner
+                    raise RuntimeError("no model runner")  # not reached: the line above raised
+                result = run(windows)
                 self.busy_seconds += time.perf_counter() - started
                 future.set_result(result)
             except BaseException as error:  # handed to the waiting caller, which re-raises it
@@ -151,10 +175,14 @@ class TileEngine:
         device: str = "auto",
         skip_background: bool = True,
         min_level_side: int = 256,
-        owner: ModelOwner | None = None,
+        backend: str = "auto",
+        runner_factory: RunnerFactory | None = None,
     ):
         """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide; ``batch_size``:
-        windows per model call (default 1 on the CPU, where batching gains nothing and costs memory, 4 on CUDA)."""
+        windows per model call (default 1 on the CPU, where batching gains nothing and costs memory, 4 on CUDA);
+        ``backend``: one of `backends.BACKENDS` (part of the cache's signature: backends differ in the last
+        bits, bfloat16 in the third digit, and one cache never mixes them); ``runner_factory``: (threads) ->
+        (runner, name), for a backend measured outside `backends.BACKENDS` (the benchmark's int8 graphs)."""
         from ..io import image_levels, slide_mpp
 
         self.loaded = model
@@ -164,7 +192,10 @@ class TileEngine:
         self.slide_mpp = slide_mpp(sdata)
         factor = model.mpp / self.slide_mpp
         self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
+        self.backend = resolve_backend(backend, resolve_device(device).type, exportable=bool(model.digest))
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
+        value["backend"] = self.backend if runner_factory is None else f"custom-{id(runner_factory)}"
+        self._runner_factory = runner_factory
         self.mask: np.ndarray | None
         self.mask, self.mask_scale = tissue_mask(levels, scales, self.slide_mpp) if skip_background else (None, 1.0)
         tissue = None if self.mask is None else map_tissue(self.mask, self.mask_scale, self.grid)
@@ -173,8 +204,8 @@ class TileEngine:
         if batch_size is None:
             batch_size = 4 if resolve_device(device).type == "cuda" else 1
         self.batch_size = batch_size
-        self._owner, self._device = owner, device  # the model thread starts on the first prediction
-        self._owns_owner = owner is None
+        self._owner: ModelOwner | None = None  # the model thread starts on the first prediction
+        self._device = device
         self._lock = threading.Lock()
         self._pending: dict[tuple[int, int, int], Future] = {}
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genemap-read")
@@ -264,12 +295,20 @@ class TileEngine:
     def owner(self) -> ModelOwner:
         with self._lock:
             if self._owner is None:
-                self._owner = ModelOwner(self.loaded.model, self._device)
+                margin, _ = self.grid.valid_in_output()
+                self._owner = ModelOwner(
+                    self.loaded,
+                    self._device,
+                    backend=self.backend,
+                    margin=margin,
+                    export_root=self.cache.path.parent,
+                    runner_factory=self._runner_factory,
+                )
             return self._owner
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)
-        if self._owns_owner and self._owner is not None:
+        if self._owner is not None:
             self._owner.close()
 
     # --- level 0: the model ------------------------------------------------------------------------------
@@ -381,7 +420,6 @@ class TileEngine:
         first = reads[0]
         assert first is not None  # just submitted
         running = self.owner.submit(first.result())
-        start, _ = self.grid.valid_in_output()
         for index, batch in enumerate(batches):
             if cancel is not None and cancel():
                 raise InterruptedError("prediction cancelled")
@@ -395,7 +433,7 @@ class TileEngine:
             values = []
             for tile, tile_density in zip(batch, density, strict=True):
                 rows, cols = self.grid.tile_shape(0, *tile)
-                values.append(tile_density[:, start : start + rows, start : start + cols])
+                values.append(tile_density[:, :rows, :cols])  # the runner dropped the halo
             reads[index] = None  # free the windows
             yield batch, values
 

@@ -39,6 +39,7 @@ class EngineSpec:
     halo: int = DEFAULT_HALO
     batch_size: int | None = None
     device: str = "auto"
+    backend: str = "auto"
     read_options: dict = field(default_factory=dict)
 
     def build(self):
@@ -56,6 +57,7 @@ class EngineSpec:
             halo=self.halo,
             batch_size=self.batch_size,
             device=self.device,
+            backend=self.backend,
         )
 
 

@@ -101,6 +101,7 @@ class Ready:
     cache: str  # the store's path: the viewer opens it itself
     genes: list[str]
     device: str
+    backend: str  # what runs the model: `backends.BACKENDS`, "auto" resolved
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,8 @@ class ServiceEvent:
     def of(cls, event: Event) -> ServiceEvent:
         """The caller's view of a typed event (the payload keys the widgets read)."""
         match event:
-            case Ready(cache, genes, device):
-                return cls("ready", {"cache": cache, "genes": genes, "device": device})
+            case Ready(cache, genes, device, backend):
+                return cls("ready", {"cache": cache, "genes": genes, "device": device, "backend": backend})
             case TilesDone(done, queued, paused, total, eta_s):
                 payload = {"done": list(done), "queued": queued, "paused": paused, "total": total, "eta_s": eta_s}
                 return cls("tiles", payload)
@@ -420,10 +421,21 @@ def serve(spec: EngineSpec, requests: queue.Queue, events, threads: int) -> None
         logger.exception("tile service: cannot build the engine")
         events.put(Failed(_one_line(error)))
         return
+    try:
+        backend = engine.owner.ready()  # the model loaded (and exported or compiled) before "ready"
+    except Exception as error:
+        logger.exception("tile service: cannot run the model")
+        events.put(Failed(_one_line(error)))
+        engine.close()
+        return
     worker = _Worker(engine, events)
-    events.put(Ready(str(engine.cache.path), engine.genes, str(engine.owner.device)))
+    events.put(Ready(str(engine.cache.path), engine.genes, str(engine.owner.device), backend))
     logger.info(
-        "tile service ready: %d genes on %s, cache %s", len(engine.genes), engine.owner.device, engine.cache.path
+        "tile service ready: %d genes on %s (%s), cache %s",
+        len(engine.genes),
+        engine.owner.device,
+        backend,
+        engine.cache.path,
     )
     try:
         while True:

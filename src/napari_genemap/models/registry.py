@@ -3,7 +3,8 @@
 A checkpoint's ``config.json`` records its ``model_class`` (a name here); `load_checkpoint` imports the class
 only when it builds one. A registered class provides ``config_class`` (with ``from_dict``, ``to_dict`` and
 ``n_genes``), ``from_config(config)`` (random weights, nothing downloaded: the checkpoint brings them), its
-``config``, ``stride``, and a ``head`` layer with one output per gene. Register another with `register_model`.
+``config``, ``stride``, a ``head`` layer with one output per gene, and ``forward(image, margin=0)``
+(``margin``: output pixels to drop on each side, for the tile engine's halo). Register another with `register_model`.
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ class Session:
         self.slide_source: SlideSource | None = None  # how the service reads the slide again
         self.checkpoint: Path = shipped_checkpoint()
         self.device = "auto"
+        self.backend = ""  # what runs the model, as the service reported it ("openvino-bf16 on cpu")
         self.service: TileService | None = None
         self.cache: GeneMapCache | None = None
         self._callbacks: dict[int, Callable] = {}
@@ -159,6 +160,7 @@ class Session:
             return
         for event in self.service.poll():
             if event.kind == "ready":
+                self.backend = f"{event.payload['backend']} on {event.payload['device']}"
                 self.cache = GeneMapCache.open(event.payload["cache"])
                 self.ready.emit(self.cache)
             elif event.kind == "tiles":

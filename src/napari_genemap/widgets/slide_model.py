@@ -236,7 +236,9 @@ class SlideModelWidget(QWidget):
 
     def _on_ready(self, cache) -> None:
         grid = cache.grid
-        self.status.setText(f"model ready: {self.session.model_name}, {len(cache.genes)} genes")
+        self.status.setText(
+            f"model ready: {self.session.model_name}, {len(cache.genes)} genes ({self.session.backend})"
+        )
         self.status.setToolTip(
             f"{grid.rows} x {grid.columns} tiles of {grid.tile} model px (+{grid.halo} px context); cache {cache.path}"
         )

@@ -1,0 +1,113 @@
+"""Model backends: the exported graph gives torch's map on a real window; exports are made once per
+checkpoint and margin; a failed export falls back to torch with one warning; impossible choices are refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_genemap.checkpoints import shipped_checkpoint
+from napari_genemap.data.resample import ModelFrameReader
+from napari_genemap.errors import GenemapDataWarning, GenemapInputError
+from napari_genemap.infer.backends import EXPORTS_FOLDER, build_runner, export_path, resolve_backend
+from napari_genemap.models.checkpoint import load_checkpoint
+
+CPU = torch.device("cpu")
+HALO_MARGIN = 96  # the engine's default halo (384 px) in the shipped model's map pixels (stride 4)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_checkpoint(shipped_checkpoint())
+
+
+@pytest.fixture(scope="module")
+def real_window(shipped, sample_slide):
+    """A 1024 px window of the sample's H&E at the model's 2 µm/px (the frame is ~700 px: mirrored past it)."""
+    reader = ModelFrameReader.from_sdata(sample_slide, shipped.mpp)
+    return reader.read(-160, 864, -160, 864)[None]
+
+
+@pytest.fixture(scope="module")
+def torch_map(shipped, real_window):
+    run, backend = build_runner(shipped, "torch", CPU, HALO_MARGIN, None, torch.get_num_threads())
+    assert backend == "torch"
+    return run(real_window)
+
+
+@pytest.mark.parametrize(
+    ("backend", "max_error", "min_pearson"),
+    [
+        # float32 graphs: measured 6e-4 of the map's maximum (folded batch norms, other summation orders)
+        ("onnxruntime", 2e-3, 0.99999),
+        ("openvino", 2e-3, 0.99999),
+        # bfloat16 keeps 8 bits of mantissa: measured 5% of the maximum at worst, Pearson 0.9995 over pixels
+        ("openvino-bf16", 0.1, 0.999),
+    ],
+)
+def test_the_exported_model_gives_torchs_map_on_a_real_window(
+    shipped, real_window, torch_map, tmp_path_factory, backend, max_error, min_pearson
+):
+    root = tmp_path_factory.getbasetemp() / "exports-shared"  # one export serves all three backends
+    run, got = build_runner(shipped, backend, CPU, HALO_MARGIN, root, torch.get_num_threads())
+    assert got == backend
+    density = run(real_window)
+    assert density.shape == torch_map.shape == (1, len(shipped.genes), 64, 64)  # 256 px of centre, stride 4
+    assert density.dtype == np.float32
+    error = np.abs(density - torch_map).max() / torch_map.max()
+    assert error < max_error
+    pearson = np.corrcoef(density.ravel(), torch_map.ravel())[0, 1]
+    assert pearson > min_pearson
+    assert export_path(root / EXPORTS_FOLDER, shipped.digest, HALO_MARGIN).is_file()
+
+
+def test_an_export_is_made_once_per_checkpoint_and_margin(random_checkpoint, tmp_path):
+    loaded = load_checkpoint(random_checkpoint)
+    build_runner(loaded, "onnxruntime", CPU, 4, tmp_path, 1)
+    path = export_path(tmp_path / EXPORTS_FOLDER, loaded.digest, 4)
+    assert loaded.digest[:24] in path.name
+    made = path.stat().st_mtime_ns
+    build_runner(loaded, "openvino", CPU, 4, tmp_path, 1)  # another backend, the same graph
+    assert path.stat().st_mtime_ns == made
+    build_runner(loaded, "onnxruntime", CPU, 8, tmp_path, 1)  # another margin: another graph
+    assert len(list((tmp_path / EXPORTS_FOLDER).glob("*.onnx"))) == 2
+    assert not list((tmp_path / EXPORTS_FOLDER).glob(".*tmp"))  # no half-written export left
+
+
+def test_a_failed_export_falls_back_to_torch_with_one_warning(random_checkpoint, tmp_path):
+    loaded = load_checkpoint(random_checkpoint)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the export folder cannot be made under a file")
+    with pytest.warns(GenemapDataWarning, match="openvino backend unavailable .* running the model in torch") as seen:
+        run, backend = build_runner(loaded, "openvino", CPU, 0, blocker, 1)
+    assert backend == "torch" and len(seen) == 1
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        expected = loaded.model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).numpy()
+    np.testing.assert_array_equal(run(pixels), expected)
+
+
+def test_backend_choices_are_resolved_or_refused_in_one_line():
+    assert resolve_backend("auto", "cuda") == "torch"
+    assert resolve_backend("auto", "cpu", exportable=False) == "torch"
+    assert resolve_backend("auto", "cpu") in ("openvino", "openvino-bf16")
+    with pytest.raises(GenemapInputError, match="backend 'openvino' runs on the CPU; on device 'cuda' expected"):
+        resolve_backend("openvino", "cuda")
+    with pytest.raises(GenemapInputError, match="backend 'tensorrt': expected one of auto, torch"):
+        resolve_backend("tensorrt", "cpu")
+
+
+def test_the_engine_keys_its_cache_by_backend(random_checkpoint, sample_slide, tmp_path):
+    from napari_genemap.infer.engine import TileEngine
+
+    loaded = load_checkpoint(random_checkpoint)
+    paths = set()
+    for backend in ("torch", "openvino"):
+        engine = TileEngine(loaded, sample_slide, tmp_path, tile=128, halo=64, backend=backend)
+        try:
+            assert engine.owner.ready() == backend
+            paths.add(engine.cache.path)
+        finally:
+            engine.close()
+    assert len(paths) == 2
