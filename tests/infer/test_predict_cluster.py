@@ -1,4 +1,4 @@
-"""`predict_slide` on dask: task sizes, the per-run worker plugin, a running cluster."""
+"""`predict_slide` on dask: task sizes, the per-run worker plugin, a running cluster, the local worker's threads."""
 
 from __future__ import annotations
 
@@ -97,3 +97,17 @@ def test_a_running_cluster_predicts_what_one_process_does(tmp_path, small_predic
     assert len(ours) == len(theirs)
     for level, (mine, expected) in enumerate(zip(ours, theirs, strict=True)):
         assert mine.dtype == expected.dtype and np.array_equal(mine, expected), f"level {level}"
+
+
+def test_the_local_worker_uses_as_many_torch_threads_as_this_process():
+    """dask's nanny sets OMP/MKL_NUM_THREADS=1 in its workers; the local cluster's one worker sets them back."""
+    import torch
+    from distributed import Client
+
+    def threads() -> int:
+        import torch
+
+        return torch.get_num_threads()
+
+    with predict._local_cluster() as cluster, Client(cluster) as client:
+        assert client.submit(threads).result() == torch.get_num_threads()

@@ -3,7 +3,7 @@
 Each worker builds one `TileEngine` (and so loads the model once) through a worker plugin; tasks hand it
 batches of tiles. The cache is the only shared state, so an interrupted run resumes where it stopped and
 a tile that is already cached is never computed again. By default a `LocalCluster` with one worker
-process (torch uses all its cores) runs the tasks; ``scheduler`` names an
+process (torch uses as many threads there as in this process) runs the tasks; ``scheduler`` names an
 existing cluster instead: its workers must see the slide, the checkpoint and the cache folder at the same
 paths, and a worker whose engine would fill another cache (another slide file, checkpoint or package
 version) is refused. Each run registers its own plugin and removes it at the end, so runs sharing a
@@ -171,11 +171,16 @@ def _predict_tiles_on_worker(tiles: list[tuple[int, int]], plugin_name: str = PL
 
 
 def _local_cluster():
+    """One worker process with one task thread, whose torch uses as many threads as torch does here: dask's
+    nanny sets OMP/MKL/OPENBLAS_NUM_THREADS to 1 in its workers, and torch would run on one core."""
+    import torch
     from distributed import LocalCluster
 
+    threads = str(torch.get_num_threads())
+    env = dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), threads)
     # ":0", a free port: with None the scheduler's HTTP server still tries 8787 and warns when another
     # cluster (a second predict run) holds it
-    return LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0", env=env)
 
 
 def predict_slide(
