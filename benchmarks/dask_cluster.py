@@ -5,16 +5,21 @@ shell, then runs ``genemap predict SLIDE`` twice, each with a fresh output store
 ``--scheduler`` (its own one-worker LocalCluster) and with ``--scheduler ADDRESS``. It prints the wall time
 of both commands; per worker, the tiles it predicted (the ``genemap-tiles`` events each task logs on the
 scheduler, see ``infer/predict.py``) and its tasks and seconds computing them (the scheduler's task
-stream); and whether the two stores are identical: every level of the gene maps byte for byte, the H&E,
-the spots, the tables and the prediction's attributes. Every process it started (the scheduler, the
-workers, ``genemap`` and the LocalCluster worker that one starts) is stopped on the way out, also after an
-error, Ctrl-C or SIGTERM; it says so on its last line.
+stream); where each command's time went (from the INFO log lines of the client and the workers: the
+client's engine, the workers' engines, the tiles, the coarser levels and the store); and whether the two
+stores are identical: every level of the gene maps byte for byte, the H&E, the spots, the tables and the
+prediction's attributes. ``--torch-threads N`` sets OMP/MKL_NUM_THREADS=N for both commands and the workers
+(torch's results may differ in the last bits between thread counts; dask's workers default to 1).
+
+Every process it started (the scheduler, the workers, ``genemap`` and the LocalCluster worker that one
+starts) is stopped on the way out, also after an error, Ctrl-C or SIGTERM; it says so in one line.
 
 The child processes run this checkout's code (``src`` first on PYTHONPATH), whatever napari-genemap the
-virtual environment has installed. Workers log at GENEMAP_LOG_LEVEL=INFO to ``OUT/worker-N.log``.
+virtual environment has installed. They log at GENEMAP_LOG_LEVEL=INFO to ``OUT/worker-N.log``,
+``OUT/local.log`` and ``OUT/cluster.log``.
 
 Run: ``.venv/bin/python benchmarks/dask_cluster.py [--slide ../shared/data/her2st/images/C3.jpg]
-[--section S] [--mpp UM] [--model CKPT] [--out DIR] [--workers 2] [--keep]``.
+[--section S] [--mpp UM] [--model CKPT] [--out DIR] [--workers 2] [--torch-threads N] [--keep]``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +45,12 @@ EVENT_TOPIC = "genemap-tiles"  # napari_genemap.infer.predict.EVENT_TOPIC (not i
 TASK_PREFIX = "_predict_tiles_on_worker"  # the key prefix of predict's tasks
 START_TIMEOUT = 120.0  # seconds for the scheduler and the workers to come up
 STOP_TIMEOUT = 20.0  # seconds a process group gets to end after SIGTERM, before SIGKILL
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) napari_genemap\.\S+ \w+: (.*)$", re.MULTILINE)
+MARKS = {  # a phase ends with the first (client) or last (workers) log line holding these words
+    "client engine": "with tissue to predict",  # predict.py, the client, before it starts or joins the cluster
+    "worker engines": "engine ready for",  # predict.py, each worker's plugin
+    "tiles": "closing the engine after",  # predict.py, each worker, when the run removes its plugin
+}
 
 
 def executable(name: str) -> str:
@@ -133,23 +145,39 @@ def start_cluster(processes: Processes, out: Path, workers: int) -> str:
     for index in range(workers):
         name = f"worker-{index}"
         argv = [dask, "worker", address, "--nthreads", "1", "--name", name, "--no-dashboard"]
-        processes.start(f"dask worker {name}", argv, out / f"{name}.log", env={"GENEMAP_LOG_LEVEL": "INFO"})
+        processes.start(f"dask worker {name}", argv, out / f"{name}.log")
     with Client(address, timeout=START_TIMEOUT) as client:
         client.wait_for_workers(workers, timeout=START_TIMEOUT)
     return address
 
 
-def run_predict(processes: Processes, label: str, argv: list[str], out: Path) -> tuple[float, str]:
-    """Run one ``genemap predict`` to its end; (wall seconds, its output)."""
+def run_predict(processes: Processes, label: str, argv: list[str], out: Path) -> dict:
+    """Run one ``genemap predict`` to its end: its wall seconds, output, start and end (epoch seconds)."""
     log = out / f"{label}.log"
-    started = time.perf_counter()
+    started, clock = time.time(), time.perf_counter()
     process = processes.start(f"genemap predict ({label})", argv, log)
     code = process.wait()
-    seconds = time.perf_counter() - started
+    seconds, ended = time.perf_counter() - clock, time.time()
     text = log.read_text()
     if code != 0:
         raise SystemExit(f"dask_cluster: genemap predict ({label}) exited {code}:\n{text[-3000:]}")
-    return seconds, text
+    return {"seconds": seconds, "text": text, "started": started, "ended": ended}
+
+
+def phases(run: dict, worker_logs: list[str]) -> dict[str, float]:
+    """Seconds in each phase of one run, from its log lines and its workers' (empty where a line is missing)."""
+    times: dict[str, list[float]] = defaultdict(list)
+    for text in [run["text"], *worker_logs]:
+        for stamp, message in LOG_LINE.findall(text):
+            when = datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            for phase, words in MARKS.items():
+                if words in message and when >= run["started"]:
+                    times[phase].append(when)
+    if not all(times.get(phase) for phase in MARKS):
+        return {}
+    ends = [min(times["client engine"]), max(times["worker engines"]), max(times["tiles"]), run["ended"]]
+    names = [*MARKS, "levels and store"]
+    return {name: end - start for name, start, end in zip(names, [run["started"], *ends], ends, strict=False)}
 
 
 def predicted_count(text: str) -> int | None:
@@ -254,6 +282,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, help="checkpoint folder (default: genemap's, the shipped PixNet)")
     parser.add_argument("--out", type=Path, help="working folder (default: a new temporary one)")
     parser.add_argument("--workers", type=int, default=2, help="dask worker processes (--nthreads 1 each)")
+    parser.add_argument("--torch-threads", type=int, help="OMP/MKL_NUM_THREADS for genemap and the workers")
     parser.add_argument("--keep", action="store_true", help="keep the stores and caches (default: removed)")
     args = parser.parse_args()
 
@@ -264,6 +293,9 @@ def main() -> int:
     (out / "scheduler.json").unlink(missing_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    env["GENEMAP_LOG_LEVEL"] = "INFO"
+    if args.torch_threads:
+        env |= dict.fromkeys(("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"), str(args.torch_threads))
     processes = Processes(env)
 
     def terminate(signum, frame):  # SIGTERM: leave through the finally below, as Ctrl-C does
@@ -277,6 +309,7 @@ def main() -> int:
     slide += ["--model", str(args.model.resolve())] if args.model else []
     load_before = os.getloadavg()
     results: dict = {"slide": slide, "workers": args.workers, "cpus": os.cpu_count(), "load_before": load_before}
+    results["torch_threads"] = args.torch_threads
     left: list[str] = []
     try:
         print(f"starting dask scheduler and {args.workers} x dask worker --nthreads 1 (logs in {out})", flush=True)
@@ -286,24 +319,26 @@ def main() -> int:
         with Client(address) as client:
             client.get_task_stream()  # the scheduler records tasks from now on
 
-            def predict(label: str, *options: str) -> tuple[float, str]:
+            def predict(label: str, *options: str) -> dict:
                 stores = ["--out", str(out / f"{label}.zarr"), "--cache", str(out / f"{label}.cache")]
                 print(f"genemap predict {' '.join([*slide, *options])} ...", flush=True)
                 return run_predict(processes, label, [genemap, "predict", *slide, *stores, *options], out)
 
-            local_s, local_text = predict("local")
+            local = predict("local")
             since = time.time()
-            cluster_s, cluster_text = predict("cluster", "--scheduler", address)
+            cluster = predict("cluster", "--scheduler", address)
             workers = per_worker(client, since)
             leftover = client.run(lambda dask_worker: [n for n in dask_worker.plugins if n.startswith("genemap")])
         checks = compare_stores(out / "local.zarr", out / "cluster.zarr")
         identical = all(same for _, same, _ in checks)
         results |= {
             "scheduler": address,
-            "local_s": local_s,
-            "cluster_s": cluster_s,
-            "local_predicted": predicted_count(local_text),
-            "cluster_predicted": predicted_count(cluster_text),
+            "local_s": local["seconds"],
+            "cluster_s": cluster["seconds"],
+            "local_predicted": predicted_count(local["text"]),
+            "cluster_predicted": predicted_count(cluster["text"]),
+            "local_phases": phases(local, []),
+            "cluster_phases": phases(cluster, [(out / f"worker-{i}.log").read_text() for i in range(args.workers)]),
             "per_worker": workers,
             "plugins_left_on_workers": leftover,
             "identical": identical,
@@ -327,14 +362,18 @@ def print_report(results: dict) -> None:
     cpus, (before, after) = results["cpus"], (results["load_before"][0], results["load_after"][0])
     print(f"\ngenemap predict {' '.join(results['slide'])}")
     print(f"{cpus} CPUs, load average {before:.1f} before, {after:.1f} after (other work shares them)")
-    print("\n| run | wall s | tiles predicted |")
-    print("|---|---|---|")
-    local = f"{results['local_s']:.1f} | {results['local_predicted']}"
-    print(f"| genemap predict (its own LocalCluster: one worker) | {local} |")
-    print(
-        f"| genemap predict --scheduler ({results['workers']} x dask worker --nthreads 1) | {results['cluster_s']:.1f} "
-        f"| {results['cluster_predicted']} |"
-    )
+    threads = results["torch_threads"]
+    print(f"torch threads: {threads or 'as each process decides (see infer/predict.py)'}")
+    print("\n| run | wall s | client engine | worker engines | tiles | levels and store | tiles predicted |")
+    print("|---|---|---|---|---|---|---|")
+    runs = {
+        "local": "genemap predict (its own LocalCluster: one worker)",
+        "cluster": f"genemap predict --scheduler ({results['workers']} x dask worker --nthreads 1)",
+    }
+    for label, title in runs.items():
+        phase = results[f"{label}_phases"]
+        spent = " | ".join(f"{phase[name]:.1f}" if name in phase else "-" for name in [*MARKS, "levels and store"])
+        print(f"| {title} | {results[f'{label}_s']:.1f} | {spent} | {results[f'{label}_predicted']} |")
     print("\n| worker | tasks | tiles | predicted | compute s |")
     print("|---|---|---|---|---|")
     for name, row in results["per_worker"].items():
