@@ -111,3 +111,15 @@ def test_the_engine_keys_its_cache_by_backend(random_checkpoint, sample_slide, t
         finally:
             engine.close()
     assert len(paths) == 2
+
+
+def test_genemap_predict_refuses_an_unknown_backend_in_one_line_before_any_work(tmp_path, capsys):
+    from napari_genemap.cli import main
+    from napari_genemap.sample import sample_root
+
+    image = sample_root() / "images" / "B4_crop.jpg"
+    code = main(["predict", str(image), "--out", str(tmp_path / "p.zarr"), "--backend", "tensorrt"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("genemap: error: "), lines
+    assert "--backend" in lines[0] and "tensorrt" in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # no store, no cache
