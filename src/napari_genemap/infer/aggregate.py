@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -276,10 +277,14 @@ def _roi_table(source: GeneMapSource, integral: np.ndarray, centers: np.ndarray,
         raise GenemapInputError("ROI names must be unique, one per ROI")
     obs = pd.DataFrame({"x": centers[:, 0], "y": centers[:, 1], **columns}, index=pd.Index(names, name="roi"))
     values = np.empty(integral.shape, np.float32)
-    for start in range(0, len(integral), NORMALISE_ROWS):  # in blocks: no full-size temporaries
+
+    def normalise(start: int) -> None:  # a block of rows: no full-size temporaries
         rows = slice(start, start + NORMALISE_ROWS)
         part = None if total is None else np.asarray(total)[rows, 0]
         values[rows] = source.protocol.normalise(integral[rows], part, source.genes)
+
+    with ThreadPoolExecutor(2) as pool:  # numpy's loops release the GIL
+        list(pool.map(normalise, range(0, len(integral), NORMALISE_ROWS)))
     table = ad.AnnData(
         X=values,
         obs=obs,
