@@ -24,8 +24,9 @@ from ..errors import GenemapInputError
 
 #: Largest map block read at once (genes x rows x columns x 4 bytes); big ROIs are read a few genes at a time.
 READ_BUDGET_BYTES = 256 * 2**20
-#: ROIs normalised at once (the temporaries are this many rows x genes)
-NORMALISE_ROWS = 4096
+#: ROIs normalised at once (temporaries of this many rows x genes stay below numpy's 4 MB huge pages, which
+#: the kernel zeroes afresh for every allocation)
+NORMALISE_ROWS = 512
 
 
 @dataclass

@@ -49,6 +49,8 @@ TABLE_BUDGET_BYTES = 64 * 2**20
 MAX_TERMS = 2**25
 #: widest region whose runs' dyadic decompositions are tabulated (width² / 2 runs; wider ones are computed)
 DYADIC_LOOKUP_WIDTH = 512
+#: result rows put into the output at once (a temporary below 4 MB)
+SUM_ROWS = 4096
 #: threads building the weights
 GEOMETRY_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: disks whose weights are built in one vectorised batch (arrays stay in cache)
@@ -263,12 +265,13 @@ def disk_terms(cx: np.ndarray, cy: np.ndarray, radius: np.ndarray, height: int, 
     )
 
 
-def build_table(block: np.ndarray) -> np.ndarray:
+def build_table(block: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """(genes, height, width) map block -> float32 table (pixels then dyadic row sums, genes): the rows
-    `disk_terms` refers to. Sums of pairs of the level below, so every cell is a plain sum of pixels."""
+    `disk_terms` refers to. Sums of pairs of the level below, so every cell is a plain sum of pixels.
+    ``out``: a table of the same shape to fill (reused between gene groups: no fresh pages to fault in)."""
     genes, height, width = block.shape
     levels, offsets, size = table_layout(height, width)
-    table = np.empty((size, genes), np.float32)
+    table = out if out is not None and out.shape == (size, genes) else np.empty((size, genes), np.float32)
     below = table[: height * width].reshape(height, width, genes)
     below[...] = block.transpose(1, 2, 0)
     for level in range(1, levels + 1):
@@ -424,17 +427,28 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, prefe
     own_rows = disks[:owned][order]
     if owned and own_rows[-1] - own_rows[0] == owned - 1:
         own_rows = slice(int(own_rows[0]), int(own_rows[0]) + owned)
-    order_t = torch.from_numpy(order)
+    buffer = np.empty(table_rows * step, np.float32)
 
     def add(genes: slice, block) -> None:
-        table = torch.from_numpy(build_table(np.asarray(block)))
-        values = F.embedding_bag(
+        # two torch calls a group, the rest in numpy: after each parallel region torch's OpenMP threads
+        # spin for milliseconds, which on two shared cores is time taken from everything else. Temporaries
+        # stay below numpy's huge-page size (4 MB): fresh huge pages are zeroed on every allocation.
+        reuse = buffer[: table_rows * (genes.stop - genes.start)].reshape(table_rows, -1)
+        table = torch.from_numpy(build_table(np.asarray(block), reuse))
+        rim = F.embedding_bag(
             rim_index, table, rim_starts, mode="sum", per_sample_weights=rim_weights, include_last_offset=True
-        )
-        values += F.embedding_bag(run_index, table, run_starts, mode="sum", include_last_offset=True)
-        out[own_rows, genes] = values[:owned].index_select(0, order_t).numpy()
+        ).numpy()
+        values = F.embedding_bag(run_index, table, run_starts, mode="sum", include_last_offset=True).numpy()
+        values += rim
+        for lo in range(0, owned, SUM_ROWS):
+            rows = (
+                own_rows[lo : lo + SUM_ROWS]
+                if isinstance(own_rows, np.ndarray)
+                else slice(own_rows.start + lo, min(own_rows.stop, own_rows.start + lo + SUM_ROWS))
+            )
+            out[rows, genes] = values[order[lo : lo + SUM_ROWS]]
         if owned < len(disks):
-            out[disks[owned:], genes] += values[owned:].numpy()
+            out[disks[owned:], genes] += values[owned:]
 
     if not prefetch:
         for genes in groups:
