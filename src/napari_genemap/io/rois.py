@@ -24,6 +24,7 @@ A store reopened without a model still shows its saved table (`saved_expression`
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -83,9 +84,10 @@ def roi_frame(table: ad.AnnData) -> pd.DataFrame:
     return pd.concat([head, frame], axis=1)
 
 
-def roi_batches(table: ad.AnnData, rows: int = WRITE_ROWS) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
-    """`roi_frame`'s columns as Arrow record batches of ``rows`` ROIs each, made as they are consumed (a
-    block of X at a time, never a second copy of the whole table): (schema, batches)."""
+def roi_batches(table: ad.AnnData, rows: int = WRITE_ROWS) -> tuple[pa.Schema, list[Callable[[], pa.RecordBatch]]]:
+    """`roi_frame`'s columns as Arrow record batches of ``rows`` ROIs each: (schema, one function per
+    batch that makes it), so batches are made when written (a block of X at a time, never a second copy of
+    the whole table), in any thread."""
     import pyarrow as pa
 
     missing = [column for column in ("kind", *UNIT_COLUMNS) if column not in table.obs]
@@ -104,28 +106,27 @@ def roi_batches(table: ad.AnnData, rows: int = WRITE_ROWS) -> tuple[pa.Schema, I
     kinds = np.asarray(table.obs["kind"].astype(str), dtype=object)
     units = [table.obs[column].to_numpy(float) for column in UNIT_COLUMNS]
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        for start in range(0, table.n_obs, rows):
-            stop = min(table.n_obs, start + rows)
-            block = table.X[start:stop]
-            block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
-            genes = np.ascontiguousarray(block.T, dtype=x_type)  # one contiguous row per gene: Arrow takes it as is
-            head = [pa.array(names[start:stop], pa.string()), pa.array(kinds[start:stop], pa.string())]
-            # NaN (a polygon's radius, an undefined value) is missing: an empty CSV field, as pandas wrote it
-            missing = bool(np.isnan(genes).any())
-            columns = [
-                *head,
-                *[pa.array(unit[start:stop], from_pandas=True) for unit in units],
-                *[pa.array(gene, from_pandas=missing) for gene in genes],
-            ]
-            yield pa.RecordBatch.from_arrays(columns, schema=schema)
+    def batch(start: int) -> pa.RecordBatch:
+        stop = min(table.n_obs, start + rows)
+        block = table.X[start:stop]
+        block = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+        genes = np.ascontiguousarray(block.T, dtype=x_type)  # one contiguous row per gene: Arrow takes it as is
+        head = [pa.array(names[start:stop], pa.string()), pa.array(kinds[start:stop], pa.string())]
+        # NaN (a polygon's radius, an undefined value) is missing: an empty CSV field, as pandas wrote it
+        missing = bool(np.isnan(genes).any())
+        columns = [
+            *head,
+            *[pa.array(unit[start:stop], from_pandas=True) for unit in units],
+            *[pa.array(gene, from_pandas=missing) for gene in genes],
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=schema)
 
-    return schema, batches()
+    return schema, [functools.partial(batch, start) for start in range(0, table.n_obs, rows)]
 
 
 def _ahead(items: Iterable, work: Callable, threads: int = 2) -> Iterator:
     """``work(item)`` for each item, in order, computed by ``threads`` threads a few items ahead (the
-    Arrow writers release the GIL while they format and encode)."""
+    Arrow writers and numpy release the GIL while they format, encode and copy)."""
     with ThreadPoolExecutor(threads) as pool:
         pending: list = []
         for item in items:
@@ -143,9 +144,10 @@ def _write_csv(table: ad.AnnData, target: Path) -> None:
 
     schema, batches = roi_batches(table)
 
-    def text(batch: pa.RecordBatch) -> pa.Buffer:
+    def text(batch: Callable[[], pa.RecordBatch]) -> pa.Buffer:
         sink = pa.BufferOutputStream()
-        pa_csv.write_csv(batch, sink, write_options=pa_csv.WriteOptions(include_header=False, quoting_style="needed"))
+        options = pa_csv.WriteOptions(include_header=False, quoting_style="needed")
+        pa_csv.write_csv(batch(), sink, write_options=options)
         return sink.getvalue()
 
     with open(target, "wb") as file:
@@ -163,7 +165,7 @@ def _write_parquet(table: ad.AnnData, target: Path) -> None:
 
     schema, batches = roi_batches(table)
     with pq.ParquetWriter(target, schema, compression="snappy", use_dictionary=False) as writer:
-        for batch in _ahead(batches, lambda batch: batch):
+        for batch in _ahead(batches, lambda make: make()):  # the next batches are made while one is encoded
             writer.write_batch(batch)
 
 
