@@ -31,6 +31,7 @@ How, and why this way (measured on the bundled sample's 176 x 176 x 785-gene map
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import os
 from collections.abc import Callable
@@ -49,6 +50,8 @@ TABLE_BUDGET_BYTES = 64 * 2**20
 MAX_TERMS = 2**25
 #: widest region whose runs' dyadic decompositions are tabulated (width² / 2 runs; wider ones are computed)
 DYADIC_LOOKUP_WIDTH = 512
+#: fewer disks than this in a region are summed on one thread (forking torch's threads costs more)
+PARALLEL_DISKS = 4096
 #: result rows put into the output at once (a temporary below 4 MB)
 SUM_ROWS = 4096
 #: threads building the weights
@@ -343,17 +346,20 @@ def integrate_disks(
     regions = np.union1d(home, guest_region)
     out = np.empty((n, n_genes), np.float32)
     out[np.setdiff1d(np.arange(n), alive, assume_unique=True)] = 0.0  # wholly off the map: nothing there
-    for number, region in enumerate(regions, 1):
-        own = work[slice(*np.searchsorted(home, [region, region + 1]))]
-        guests = guest[slice(*np.searchsorted(guest_region, [region, region + 1]))]
-        i0, j0 = int(region) // columns * region_h, int(region) % columns * region_w
-        box = (i0, min(height, i0 + region_h), j0, min(width, j0 + region_w))
-        disks = np.concatenate([own, guests])
-        _integrate_region(
-            read, box, n_genes, cx[disks] - j0, cy[disks] - i0, radii[disks], disks, len(own), out, prefetch
-        )
-        if progress is not None:
-            progress(number, len(regions), f"{number}/{len(regions)} map regions")
+    # one reading thread (the next gene group is decoded while one is summed) and the geometry threads
+    with contextlib.ExitStack() as stack:
+        reader = stack.enter_context(ThreadPoolExecutor(1)) if prefetch else None
+        pool = stack.enter_context(ThreadPoolExecutor(GEOMETRY_THREADS))
+        for number, region in enumerate(regions, 1):
+            own = work[slice(*np.searchsorted(home, [region, region + 1]))]
+            guests = guest[slice(*np.searchsorted(guest_region, [region, region + 1]))]
+            i0, j0 = int(region) // columns * region_h, int(region) % columns * region_w
+            box = (i0, min(height, i0 + region_h), j0, min(width, j0 + region_w))
+            disks = np.concatenate([own, guests])
+            local = (cx[disks] - j0, cy[disks] - i0, radii[disks])
+            _integrate_region(read, box, n_genes, *local, disks, len(own), out, pool, reader)
+            if progress is not None:
+                progress(number, len(regions), f"{number}/{len(regions)} map regions")
     return out
 
 
@@ -367,11 +373,11 @@ def _z_code(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return code
 
 
-def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, owned: int, out, prefetch: bool) -> None:
+def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, owned: int, out, pool, reader) -> None:
     """Put the part inside ``box`` (i0, i1, j0, j1) of each disk (centres relative to the box) into
     ``out[disks]``: set for the first ``owned`` (this is their home region), added for the others. Weights
-    are built once, a batch of disks at a time, and used for every gene group; past `MAX_TERMS` the disks
-    are done in parts."""
+    are built once, a batch of disks at a time by the ``pool``'s threads, and used for every gene group
+    (read by ``reader``'s thread, if any); past `MAX_TERMS` the disks are done in parts."""
     i0, i1, j0, j1 = box
     height, width = i1 - i0, j1 - j0
     starts = range(0, len(radius), BATCH_DISKS)
@@ -382,18 +388,29 @@ def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, ow
 
     parts: list[DiskTerms] = []
     held, done = 0, 0
-    # batches are built by GEOMETRY_THREADS threads (numpy releases the GIL in its loops), a few ahead
-    with ThreadPoolExecutor(GEOMETRY_THREADS) as pool:
-        pending = collections.deque(pool.submit(terms, start) for start in starts[: 2 * GEOMETRY_THREADS])
-        for number, start in enumerate(starts):
-            parts.append(pending.popleft().result())
-            if number + 2 * GEOMETRY_THREADS < len(starts):
-                pending.append(pool.submit(terms, starts[number + 2 * GEOMETRY_THREADS]))
-            held += len(parts[-1].rim_rows) + len(parts[-1].run_rows)
-            stop = min(len(radius), start + BATCH_DISKS)
-            if held >= MAX_TERMS or stop == len(radius):
-                _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, prefetch)
-                parts, held, done = [], 0, stop
+    # the first gene group is read (in a thread) while the weights are built; batches of weights are built
+    # by GEOMETRY_THREADS threads (numpy releases the GIL in its loops), a few ahead
+    first = reader.submit(read, i0, i1, j0, j1, _gene_groups(box, n_genes)[0]) if reader else None
+    pending = collections.deque(pool.submit(terms, start) for start in starts[: 2 * GEOMETRY_THREADS])
+    for number, start in enumerate(starts):
+        parts.append(pending.popleft().result())
+        if number + 2 * GEOMETRY_THREADS < len(starts):
+            pending.append(pool.submit(terms, starts[number + 2 * GEOMETRY_THREADS]))
+        held += len(parts[-1].rim_rows) + len(parts[-1].run_rows)
+        stop = min(len(radius), start + BATCH_DISKS)
+        if held >= MAX_TERMS or stop == len(radius):
+            _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, reader, first)
+            parts, held, done, first = [], 0, stop, None
+
+
+def _gene_groups(box, n_genes: int) -> list[slice]:
+    """The gene groups a region is read in: at most `GENE_GROUP` genes, their table and block within
+    `TABLE_BUDGET_BYTES`."""
+    i0, i1, j0, j1 = box
+    _, _, table_rows = table_layout(i1 - i0, j1 - j0)
+    bytes_per_gene = table_rows * 4 + (i1 - i0) * (j1 - j0) * 4  # the table and the block it is made from
+    step = max(1, min(GENE_GROUP, TABLE_BUDGET_BYTES // bytes_per_gene))
+    return [slice(g0, min(n_genes, g0 + step)) for g0 in range(0, n_genes, step)]
 
 
 def _joined(parts: list[DiskTerms], rows: str, offsets: str) -> tuple[np.ndarray, np.ndarray]:
@@ -404,23 +421,23 @@ def _joined(parts: list[DiskTerms], rows: str, offsets: str) -> tuple[np.ndarray
     return all_rows, all_offsets
 
 
-def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, prefetch: bool) -> None:
+def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reader=None, first=None) -> None:
     """Sum the terms of ``parts`` over every gene group of ``box`` into ``out[disks]``: set for the first
-    ``owned`` disks, added for the rest."""
+    ``owned`` disks, added for the rest. With a ``reader`` (thread), each next gene group is read while
+    one is summed; ``first``: the first group's read, already under way."""
     import torch
     import torch.nn.functional as F
 
     i0, i1, j0, j1 = box
     _, _, table_rows = table_layout(i1 - i0, j1 - j0)
-    bytes_per_gene = table_rows * 4 + (i1 - i0) * (j1 - j0) * 4  # the table and the block it is made from
-    step = max(1, min(GENE_GROUP, TABLE_BUDGET_BYTES // bytes_per_gene))
+    groups = _gene_groups(box, n_genes)
+    step = groups[0].stop - groups[0].start
     rim_rows, rim_offsets = _joined(parts, "rim_rows", "rim_offsets")
     run_rows, run_offsets = _joined(parts, "run_rows", "run_offsets")
     rim_index, rim_starts = torch.from_numpy(rim_rows), torch.from_numpy(rim_offsets.astype(np.int32))
     run_index, run_starts = torch.from_numpy(run_rows), torch.from_numpy(run_offsets.astype(np.int32))
     rim_weights = torch.from_numpy(np.concatenate([p.rim_weights for p in parts]))
     owned = min(owned, len(disks))
-    groups = [slice(g0, min(n_genes, g0 + step)) for g0 in range(0, n_genes, step)]
     # results come in Z-order; written in the output's row order (page after page, not a random row each
     # time: 10^5 random rows of a 0.3 GB table cost ~10x more), as one slice when the rows are consecutive
     order = np.argsort(disks[:owned], kind="stable")
@@ -450,15 +467,33 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, prefe
         if owned < len(disks):
             out[disks[owned:], genes] += values[owned:]
 
-    if not prefetch:
-        for genes in groups:
-            add(genes, read(i0, i1, j0, j1, genes))
-        return
-    # the next gene group is read (decoded) in a thread while this one is summed: both release the GIL
-    with ThreadPoolExecutor(1) as reader:
-        ahead = reader.submit(read, i0, i1, j0, j1, groups[0])
+    with _torch_threads(1 if len(disks) < PARALLEL_DISKS else None):
+        if reader is None:
+            for genes in groups:
+                add(genes, read(i0, i1, j0, j1, genes))
+            return
+        # the next gene group is read (decoded) in a thread while this one is summed: both release the GIL
+        ahead = first if first is not None else reader.submit(read, i0, i1, j0, j1, groups[0])
         for number, genes in enumerate(groups):
             block = ahead.result()
             if number + 1 < len(groups):
                 ahead = reader.submit(read, i0, i1, j0, j1, groups[number + 1])
             add(genes, block)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's intra-op threads set to ``threads`` for the block (None: left as they are). A parallel
+    region costs its fork and join: microseconds on idle cores, a scheduler time slice (milliseconds) on
+    busy ones, far more than summing a few thousand disks takes."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
