@@ -2,7 +2,8 @@
 
 What: for each disk, sum over map pixels of area(pixel ∩ disk) x G[:, pixel] (map pixel (i, j) covers
 [j, j+1) x [i, i+1)), the integral `models.aggregation.aggregate_disks` computes with torch, here for
-10^5 disks x 785 genes in about a second and in bounded memory.
+10^5 disks x 785 genes in a few seconds and in bounded memory (`benchmarks/roi_scale.py`; the torch
+path took a minute and 3 GB, and lost up to 2.6e-4 to float32 cancellation).
 
 How, and why this way (measured on the bundled sample's 176 x 176 x 785-gene map, 2 shared CPU cores):
 
@@ -18,8 +19,11 @@ How, and why this way (measured on the bundled sample's 176 x 176 x 785-gene map
 - The integral of every disk is then a weighted sum of rows of one table (pixels, dyadic sums) x genes:
   a "sparse lengths weighted sum". `torch.nn.functional.embedding_bag` computes exactly that with FBGEMM's
   JIT-compiled SIMD kernels, multi-threaded over disks: ~10-16 GMAC/s per core here, 3-4x scipy.sparse's
-  CSR product (2.4-4 GMAC/s) on the same weights; the weights (~100 terms per disk for radii of 1-25 map
-  pixels) are built with vectorised numpy in batches small enough to stay in cache.
+  CSR product (2.4-4 GMAC/s) on the same weights; the weights (~110 terms per disk for radii of 1-25 map
+  pixels) are built with vectorised numpy in batches small enough to stay in cache, on two threads.
+  A 2-D summed-area table was not used: whole pixels are not rectangles (the rows' runs all differ) and
+  its float32 sums cancel worse still. Dense per-tile products (weights x tile, BLAS) were estimated no
+  faster: a disk of these radii cuts ~8 tiles of 8 x 8 pixels, ~500 dense weights against ~110 terms.
 - Streaming: the map is read in regions aligned to its chunks (at most `REGION_SIDE` pixels a side) and,
   within a region, in groups of genes sized by `TABLE_BUDGET_BYTES` (at most `GENE_GROUP`: FBGEMM's rows
   stay in cache). A region's weights are built once and used for each of its gene groups, so one group's
