@@ -392,9 +392,8 @@ def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, ow
 
     parts: list[DiskTerms] = []
     held, done = 0, 0
-    # the first gene group is read (in a thread) while the weights are built; batches of weights are built
-    # by GEOMETRY_THREADS threads (numpy releases the GIL in its loops), a few ahead
-    first = reader.submit(read, i0, i1, j0, j1, _gene_groups(box, n_genes)[0]) if reader else None
+    # batches of weights are built by GEOMETRY_THREADS threads (numpy releases the GIL in its loops), a few
+    # ahead (reading the first gene group meanwhile measured no faster: three threads on two busy cores)
     pending = collections.deque(pool.submit(terms, start) for start in starts[: 2 * GEOMETRY_THREADS])
     for number, start in enumerate(starts):
         parts.append(pending.popleft().result())
@@ -403,8 +402,8 @@ def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, ow
         held += len(parts[-1].rim_rows) + len(parts[-1].run_rows)
         stop = min(len(radius), start + BATCH_DISKS)
         if held >= MAX_TERMS or stop == len(radius):
-            _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, reader, first)
-            parts, held, done, first = [], 0, stop, None
+            _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, reader)
+            parts, held, done = [], 0, stop
 
 
 def _gene_groups(box, n_genes: int) -> list[slice]:
@@ -425,10 +424,10 @@ def _joined(parts: list[DiskTerms], rows: str, offsets: str) -> tuple[np.ndarray
     return all_rows, all_offsets
 
 
-def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reader=None, first=None) -> None:
+def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reader=None) -> None:
     """Sum the terms of ``parts`` over every gene group of ``box`` into ``out[disks]``: set for the first
     ``owned`` disks, added for the rest. With a ``reader`` (thread), each next gene group is read while
-    one is summed; ``first``: the first group's read, already under way."""
+    one is summed."""
     import torch
     import torch.nn.functional as F
 
@@ -477,7 +476,7 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
                 add(genes, read(i0, i1, j0, j1, genes))
             return
         # the next gene group is read (decoded) in a thread while this one is summed: both release the GIL
-        ahead = first if first is not None else reader.submit(read, i0, i1, j0, j1, groups[0])
+        ahead = reader.submit(read, i0, i1, j0, j1, groups[0])
         for number, genes in enumerate(groups):
             block = ahead.result()
             if number + 1 < len(groups):
