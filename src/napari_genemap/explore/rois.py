@@ -250,9 +250,9 @@ def roi_table(rois: gpd.GeoDataFrame, table: ad.AnnData, slide_mpp: float) -> ad
 
     names = [str(name) for name in rois.index]
     check_names(names)
-    missing = [name for name in names if name not in table.obs_names]
-    if missing:
-        raise GenemapInputError(f"no expression for ROI {missing[0]!r}: aggregate it first")
+    missing = np.flatnonzero(~pd.Index(names).isin(table.obs_names))
+    if len(missing):
+        raise GenemapInputError(f"no expression for ROI {names[missing[0]]!r}: aggregate it first")
     if not (np.isfinite(slide_mpp) and slide_mpp > 0):
         raise GenemapInputError(f"slide µm per pixel {slide_mpp}: expected a positive number")
     if names == list(table.obs_names.astype(str)):
@@ -269,7 +269,7 @@ def roi_table(rois: gpd.GeoDataFrame, table: ad.AnnData, slide_mpp: float) -> ad
         )
     else:
         out = table[names].copy()
-    geometry = rois.geometry.values
+    geometry = np.asarray(rois.geometry.values)  # shapely's own arrays: no pandas dispatch per call
     radius = circle_radii(rois)
     is_circle = np.asarray(shapely.get_type_id(geometry) == 0)
     area = np.where(is_circle, np.pi * radius**2, shapely.area(geometry))
