@@ -223,16 +223,23 @@ def cmd_aggregate(args) -> int:
 
     from .explore.rois import circles, circles_outside, roi_table
     from .infer.aggregate import aggregate_circles, read_circles_csv, read_prediction
-    from .io.rois import write_table_files
+    from .io.rois import TABLE_SUFFIXES, write_table_files
 
     # every output is checked before any work and before any is written: all of them appear, or none
     out, h5ad = Path(args.out), Path(args.h5ad) if args.h5ad else None
+    if out.suffix not in TABLE_SUFFIXES and not out.is_dir():  # a folder is refused below, as a folder
+        raise GenemapInputError(
+            f"--out {out}: expected a table file name ending in {', '.join(TABLE_SUFFIXES)} (its format)"
+        )
     inputs = {"--circles": Path(args.circles), "the prediction store": Path(args.prediction)}
-    outputs = {"--out": (out, "the CSV")} | ({"--h5ad": (h5ad, "the AnnData file")} if h5ad else {})
+    what = TABLE_SUFFIXES.get(out.suffix, "the table")
+    outputs = {"--out": (out, what)} | ({"--h5ad": (h5ad, "the AnnData file")} if h5ad else {})
     if h5ad is not None and h5ad.suffix != ".h5ad":
         raise GenemapInputError(f"--h5ad {h5ad}: an AnnData file's name must end in .h5ad")
     if h5ad is not None and _same_path(out, h5ad):
         raise GenemapInputError(f"--out and --h5ad are both {out}; expected two different files")
+    if h5ad is not None and out.suffix == ".h5ad":
+        raise GenemapInputError(f"--out {out} is already the AnnData file; leave out --h5ad {h5ad}")
     for option, (path, what) in outputs.items():
         for name, given in inputs.items():
             if _same_path(path, given):
@@ -265,21 +272,36 @@ def cmd_aggregate(args) -> int:
     table = aggregate_circles(source, centers, radii)
     # the Spots panel's table and files: name, kind, geometry in µm and slide pixels, then the genes
     table = roi_table(circles(centers, radii, table.obs_names), table, source.slide_mpp)
-    undefined = ~np.isfinite(np.asarray(table.X, dtype=np.float64))
-    if undefined.any():
-        rows = np.flatnonzero(undefined.any(axis=1))
+    undefined_rows, undefined_genes = _undefined(table.X)
+    if len(undefined_rows):
         warnings.warn(
-            f"{args.circles}: {len(rows)} of {table.n_obs} circles have undefined (NaN or infinite) values "
-            f"in {int(undefined.any(axis=0).sum())} genes (first: row {rows[0] + 2}); check the prediction store",
+            f"{args.circles}: {len(undefined_rows)} of {table.n_obs} circles have undefined (NaN or infinite) values "
+            f"in {undefined_genes} genes (first: row {undefined_rows[0] + 2}); check the prediction store",
             GenemapDataWarning,
             stacklevel=2,
         )
-    written = write_table_files(table, csv=out, h5ad=h5ad)
+    kind = {".csv": "csv", ".parquet": "parquet", ".h5ad": "h5ad"}[out.suffix]
+    written = write_table_files(table, **{"h5ad": h5ad, kind: out})
     print(
         f"wrote {' and '.join(map(str, written))}: {table.n_obs} circles x {table.n_vars} genes "
         f"(protocol {source.protocol.name})"
     )
     return 0
+
+
+def _undefined(values, rows: int = 8192) -> tuple[list[int], int]:
+    """The rows with a NaN or infinite value, and how many columns have one; a block of rows at a time
+    (no float64 or full-size boolean copy of a large table)."""
+    import numpy as np
+
+    bad_rows: list[int] = []
+    bad_columns = np.zeros(values.shape[1], bool)
+    for start in range(0, values.shape[0], rows):
+        bad = ~np.isfinite(np.asarray(values[start : start + rows]))
+        if bad.any():
+            bad_rows.extend((start + np.flatnonzero(bad.any(axis=1))).tolist())
+            bad_columns |= bad.any(axis=0)
+    return bad_rows, int(bad_columns.sum())
 
 
 def _same_path(first: Path, second: Path) -> bool:
@@ -395,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument(
         "--out",
         required=True,
-        help="output CSV: name, kind, x_um, y_um, radius_um, area_um2, x_px, ..., then the genes",
+        help="output table, by its ending: .csv or .parquet (name, kind, x_um, y_um, radius_um, area_um2, "
+        "x_px, ..., then the genes) or .h5ad (the AnnData)",
     )
     aggregate.add_argument("--h5ad", help="also write the AnnData (raw integrals in layers['integral'])")
     aggregate.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -4,13 +4,15 @@ Each ROI is the integral of the level-0 map over its area (exact partial-pixel c
 `models.aggregation` for circles, shapely intersection areas for polygons), kept on the raw scale in
 ``layers["integral"]`` and normalised by the model's protocol in ``X``. The map comes either from a
 finished prediction store (`read_prediction`) or from a live `TileEngine`, which predicts the tiles an ROI
-needs before it is read.
+needs before it is read. Circles go through `disk_sums.integrate_disks` (streamed by map region and gene
+group; why it is built that way is written there; ``benchmarks/roi_scale.py`` times 10^4 and 10^5 circles).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,9 @@ from ..errors import GenemapInputError
 
 #: Largest map block read at once (genes x rows x columns x 4 bytes); big ROIs are read a few genes at a time.
 READ_BUDGET_BYTES = 256 * 2**20
+#: ROIs normalised at once (temporaries of this many rows x genes stay below numpy's 4 MB huge pages, which
+#: the kernel zeroes afresh for every allocation)
+NORMALISE_ROWS = 512
 
 
 @dataclass
@@ -36,6 +41,8 @@ class GeneMapSource:
     slide_mpp: float
     provenance: dict
     read_total: Callable[[int, int, int, int], np.ndarray] | None = None  # (1, rows, cols) when genes is a subset
+    chunks: tuple[int, int] | None = None  # (rows, columns) of the storage chunks, which reads should follow
+    threaded_reads: bool = False  # whether ``read`` may run in a worker thread (to overlap with the sums)
 
     @classmethod
     def from_engine(cls, engine, slide_mpp: float, cached_only: bool = False) -> GeneMapSource:
@@ -54,7 +61,14 @@ class GeneMapSource:
             protocol=engine.loaded.protocol,
             slide_mpp=slide_mpp,
             provenance={"model_sha256": engine.loaded.digest, "cache": str(engine.cache.path)},
+            chunks=_tile_chunks(engine),
         )
+
+
+def _tile_chunks(engine) -> tuple[int, int] | None:
+    """The engine's tile side in level-0 map pixels (its cache's chunks), if it says."""
+    side = getattr(getattr(engine, "grid", None), "tile_map", None)
+    return (int(side), int(side)) if isinstance(side, int) and side > 0 else None
 
 
 def read_prediction(path: str | os.PathLike) -> GeneMapSource:
@@ -86,14 +100,24 @@ def read_prediction(path: str | os.PathLike) -> GeneMapSource:
     except (GenemapInputError, TypeError, ValueError) as error:
         raise GenemapInputError(f"{path}: attribute {ATTRS_KEY}.prediction.protocol: {error}") from None
     pixel_size = _map_pixel_size(path, element, prediction)
+    gene_maps = _zarr_level0(path, GENE_MAPS_KEY, data.shape)
+
+    def read(i0: int, i1: int, j0: int, j1: int, genes: slice) -> np.ndarray:
+        return _load(path, GENE_MAPS_KEY, gene_maps, data, (genes, slice(i0, i1), slice(j0, j1)))
+
     read_total = None
     if len(genes) < protocol.n_genes:  # a subset was written: its normalisation needs the all-gene total
         if TOTAL_KEY not in sdata.images:
             raise GenemapInputError(f"{path}: holds {len(genes)} of the model's genes but no '{TOTAL_KEY}' image")
         total = _level0(sdata.images[TOTAL_KEY]).data
-        read_total = lambda i0, i1, j0, j1: _load(path, TOTAL_KEY, total[:, i0:i1, j0:j1])  # noqa: E731
+        total_array = _zarr_level0(path, TOTAL_KEY, total.shape)
+
+        def read_total(i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+            return _load(path, TOTAL_KEY, total_array, total, (slice(None), slice(i0, i1), slice(j0, j1)))
+
+    chunk_shape = gene_maps.chunks if gene_maps is not None else data.chunksize
     return GeneMapSource(
-        read=lambda i0, i1, j0, j1, genes: _load(path, GENE_MAPS_KEY, data[genes, i0:i1, j0:j1]),
+        read=read,
         shape=(int(data.shape[1]), int(data.shape[2])),
         genes=genes,
         pixel_size=pixel_size,
@@ -101,13 +125,31 @@ def read_prediction(path: str | os.PathLike) -> GeneMapSource:
         slide_mpp=slide_mpp(sdata),
         provenance={"store": str(path), "model_sha256": prediction.get("model_sha256")},
         read_total=read_total,
+        chunks=(int(chunk_shape[1]), int(chunk_shape[2])),
+        threaded_reads=True,
     )
 
 
-def _load(path: Path, name: str, block) -> np.ndarray:
-    """Compute a block of a store's image; a damaged chunk (codec, checksum, missing file) in one line."""
+def _zarr_level0(path: Path, key: str, shape: tuple[int, ...]):
+    """The zarr array behind image ``key``'s finest level, read directly: ~3x faster than through dask for
+    a block of all genes (no task graph per chunk). None if the store is laid out otherwise (dask reads)."""
     try:
-        return np.asarray(block)
+        import zarr
+
+        group = zarr.open_group(path / "images" / key, mode="r")
+        attrs: Any = dict(group.attrs)
+        datasets = attrs.get("ome", attrs).get("multiscales", [{}])[0].get("datasets") or [{}]
+        array = group[str(datasets[0].get("path", "s0"))]
+    except Exception:  # noqa: BLE001 - any surprise in the layout: read through dask as before
+        return None
+    return array if isinstance(array, zarr.Array) and tuple(array.shape) == tuple(shape) else None
+
+
+def _load(path: Path, name: str, array, dask_array, selection: tuple) -> np.ndarray:
+    """Read a block of a store's image (from zarr when ``array`` is given, else through dask); a damaged
+    chunk (codec, checksum, missing file) in one line."""
+    try:
+        return np.asarray(array[selection] if array is not None else dask_array[selection])
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as error:  # zarr and numcodecs raise many kinds for a damaged chunk
@@ -150,10 +192,11 @@ def aggregate_circles(
     names: Sequence[str] | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ):
-    """Circles with ``centers`` (n, 2) as (x, y) and ``radii`` (n,) in slide pixels -> AnnData."""
-    import torch
+    """Circles with ``centers`` (n, 2) as (x, y) and ``radii`` (n,) in slide pixels -> AnnData.
 
-    from ..models.aggregation import aggregate_disks
+    Exact (closed-form partial-pixel areas, float32 sums: ~1e-6 relative), streamed by map region and
+    gene group (`disk_sums.integrate_disks`); ``progress`` hears of each region."""
+    from .disk_sums import integrate_disks
 
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)
@@ -163,34 +206,18 @@ def aggregate_circles(
         raise GenemapInputError("circle radii must be positive and centres finite")
     scale = source.pixel_size
     map_centers, map_radii = centers / scale, radii / scale
-    height, width = source.shape
-    # each circle's bounding box in map pixels, clipped to the map
-    top = np.clip(np.floor(map_centers[:, 1] - map_radii), 0, height).astype(int)
-    bottom = np.clip(np.ceil(map_centers[:, 1] + map_radii), 0, height).astype(int)
-    left = np.clip(np.floor(map_centers[:, 0] - map_radii), 0, width).astype(int)
-    right = np.clip(np.ceil(map_centers[:, 0] + map_radii), 0, width).astype(int)
-    integral = np.zeros((len(radii), len(source.genes)), np.float64)
+    chunks, prefetch = source.chunks, source.threaded_reads
+    integral = integrate_disks(
+        source.read, source.shape, len(source.genes), map_centers, map_radii, chunks, progress, prefetch=prefetch
+    )
+    total = None
     read_total = source.read_total
-    total = np.zeros((len(radii), 1), np.float64) if read_total is not None else None
-    # circles near each other share a read: group them by a coarse block of the map
-    block = 128
-    keys = (top // block) * (width // block + 1) + left // block
-    order = np.argsort(keys, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(keys[order])) + 1) if len(order) else []
-    for number, members in enumerate(groups, 1):
-        i0, i1 = top[members].min(), max(bottom[members].max(), top[members].min() + 1)
-        j0, j1 = left[members].min(), max(right[members].max(), left[members].min() + 1)
-        if bottom[members].max() > top[members].min() and right[members].max() > left[members].min():
-            local = torch.from_numpy(map_centers[members] - (j0, i0))
-            for genes in _gene_chunks(len(source.genes), (i1 - i0) * (j1 - j0)):
-                region = torch.from_numpy(np.asarray(source.read(i0, i1, j0, j1, genes), dtype=np.float32))
-                values = aggregate_disks(region, local, torch.from_numpy(map_radii[members]), stride=1.0)
-                integral[members, genes] = values.double().numpy()
-            if total is not None and read_total is not None:
-                region = torch.from_numpy(np.asarray(read_total(i0, i1, j0, j1), dtype=np.float32))
-                total[members] = aggregate_disks(region, local, torch.from_numpy(map_radii[members])).double().numpy()
-        if progress is not None:
-            progress(number, len(groups), f"{number}/{len(groups)} groups of circles")
+    if read_total is not None:  # the all-gene total, for a store that holds some of the genes
+
+        def total_map(i0: int, i1: int, j0: int, j1: int, genes: slice) -> np.ndarray:
+            return read_total(i0, i1, j0, j1)[genes]
+
+        total = integrate_disks(total_map, source.shape, 1, map_centers, map_radii, chunks, prefetch=prefetch)
     columns = {"radius": radii, "radius_um": radii * source.slide_mpp}
     return _roi_table(source, integral, centers, names, columns, total)
 
@@ -250,11 +277,20 @@ def _roi_table(source: GeneMapSource, integral: np.ndarray, centers: np.ndarray,
     if len(names) != len(integral) or len(set(names)) != len(names):
         raise GenemapInputError("ROI names must be unique, one per ROI")
     obs = pd.DataFrame({"x": centers[:, 0], "y": centers[:, 1], **columns}, index=pd.Index(names, name="roi"))
+    values = np.empty(integral.shape, np.float32)
+
+    def normalise(start: int) -> None:  # a block of rows: no full-size temporaries
+        rows = slice(start, start + NORMALISE_ROWS)
+        part = None if total is None else np.asarray(total)[rows, 0]
+        values[rows] = source.protocol.normalise(integral[rows], part, source.genes)
+
+    with ThreadPoolExecutor(2) as pool:  # numpy's loops release the GIL
+        list(pool.map(normalise, range(0, len(integral), NORMALISE_ROWS)))
     table = ad.AnnData(
-        X=source.protocol.normalise(integral, None if total is None else total[:, 0], source.genes).astype(np.float32),
+        X=values,
         obs=obs,
         var=pd.DataFrame(index=pd.Index(source.genes, name="gene")),
-        layers={"integral": integral.astype(np.float32)},
+        layers={"integral": integral.astype(np.float32, copy=False)},  # circles' float32 sums: not copied
         obsm={"spatial": centers.astype(np.float64)},
     )
     table.uns["genemap"] = {
