@@ -77,7 +77,9 @@ def _store_dir(cache: Path) -> Path:
 
 
 def _copy_cache(clean: dict, target: Path) -> Path:
-    shutil.copytree(clean["cache"], target, symlinks=True)
+    """The clean run's gene-map store, without the model's backend exports beside it (several MB: more than
+    the small mounts below hold; a run makes them again)."""
+    shutil.copytree(clean["cache"], target, symlinks=True, ignore=shutil.ignore_patterns("exports"))
     return target
 
 
