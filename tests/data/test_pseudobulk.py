@@ -63,6 +63,15 @@ def test_xenium_tiles_match_a_hand_count(transcripts, tile_um):
     assert tiles.obs["complete"].tolist()[0] and not tiles.obs["complete"].all()  # edge tiles run past the crop
 
 
+def test_the_grid_stays_put_when_molecules_are_filtered_and_moves_when_they_are_shifted(transcripts):
+    molecules = read_transcripts(transcripts)
+    one_gene = molecules[molecules.gene == molecules.gene.value_counts().index[0]]
+    assert molecule_tiles(one_gene, 50.0).uns["pseudobulk"]["origin"] == [2160.0, 2110.0]
+    shifted = molecules.assign(x=molecules.x - 2000.0, y=molecules.y - 2000.0)  # pandas keeps attrs
+    tiles = molecule_tiles(shifted, 50.0)
+    assert tiles.uns["pseudobulk"]["origin"] == [160.0, 110.0] and tiles.n_obs == 25
+
+
 def test_control_probes_go_even_without_the_quality_filter(transcripts):
     molecules = read_transcripts(transcripts, min_qv=None)
     assert not molecules.gene.str.contains("BLANK|NegControl").any()

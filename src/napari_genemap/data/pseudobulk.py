@@ -192,7 +192,13 @@ def molecule_tiles(
     y = molecules[y_name].to_numpy(np.float64)
     unit, side = _tile_side(unit, mpp, tile_um, source)
     codes, var_names = _gene_codes(_as_text(molecules[gene_name]), genes)
-    extent = molecules.attrs.get("extent") or _extent(x, y)
+    extent = _extent(x, y)
+    # the extent of every decoded molecule, so that filtering keeps the grid in place; unless the rows no
+    # longer lie inside it (moved after reading: pandas carries attrs along)
+    recorded = molecules.attrs.get("extent")
+    inside = recorded and all(r <= e for r, e in zip(recorded[:2], extent[:2], strict=True))
+    if inside and len(x) and all(r >= e for r, e in zip(recorded[2:], extent[2:], strict=True)):
+        extent = list(recorded)
     tiles = _grid_sum(x, y, codes, len(var_names), side, origin, extent, source, values=None)
     tiles.var_names = pd.Index(var_names, name="gene")
     tiles.uns[UNS_KEY] = _uns("molecules", unit, tile_um, side, source, mpp=mpp, origin=tiles.uns.pop("origin"))
