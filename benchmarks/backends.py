@@ -40,7 +40,7 @@ from napari_genemap.models.checkpoint import load_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 SECTIONS = ("B4", "C2", "C3", "C4", "C5")
-CPU = torch.device("cpu")
+CPU = torch.device("cpu")  # TorchRunner takes a torch device; build_runner a device name
 
 
 def read_section(section: str):
@@ -137,7 +137,7 @@ def runner_for(name: str, loaded, margin: int, folder: Path, calibration_section
                 return inner(w)
     elif name in ("onnxruntime fp32", "openvino fp32", "openvino bf16"):
         backend = {"onnxruntime fp32": "onnxruntime", "openvino fp32": "openvino", "openvino bf16": "openvino-bf16"}
-        run, got = build_runner(loaded, backend[name], CPU, margin, folder, threads)
+        run, got = build_runner(loaded, backend[name], "cpu", margin, folder, threads)
         assert got == backend[name], got
     elif name in ("onnxruntime int8", "openvino int8"):
         from napari_genemap.infer.backends import OnnxRuntimeRunner, OpenVinoRunner

@@ -39,6 +39,29 @@ def shown_values(layer) -> np.ndarray:
     return np.asarray(layer._slicing_state._slice.image.raw)  # what napari last sliced for display
 
 
+def export_once() -> float:
+    """Start the tile service on the sample once, headless, so the measured viewer finds the model's export as
+    a user does after their first session (torch stays out of this process: it would crash under Mesa's GL)."""
+    from napari_genemap.checkpoints import shipped_checkpoint
+    from napari_genemap.infer.predict import EngineSpec
+    from napari_genemap.infer.service import TileService
+    from napari_genemap.sample import SECTION, sample_root
+
+    started = time.perf_counter()
+    spec = EngineSpec(
+        slide=str(sample_root()),
+        section=SECTION,
+        checkpoint=str(shipped_checkpoint()),
+        cache_root=tempfile.mkdtemp(prefix="genemap-gui-bench-export-"),
+    )
+    service = TileService(spec)
+    try:
+        service.wait("ready", timeout=600)
+    finally:
+        service.close()
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", default="C3")
@@ -47,12 +70,15 @@ def main() -> None:
     parser.add_argument("--screenshot", default="benchmarks/results/plugin_in_use.png")
     args = parser.parse_args()
     os.environ["GENEMAP_CACHE_DIR"] = tempfile.mkdtemp(prefix="genemap-gui-bench-")
+    os.environ["GENEMAP_EXPORT_DIR"] = str(Path(os.environ["GENEMAP_CACHE_DIR"]) / "exports")
+    made = export_once()
+    print(f"first start on this machine: the model's graph exported and compiled in {made:.1f} s (reused below)")
 
     import napari
     from qtpy.QtCore import QTimer
     from qtpy.QtWidgets import QApplication
 
-    from napari_genemap.io import read_slide
+    from napari_genemap.io import SlideSource, read_slide
     from napari_genemap.layers import slide_layers
     from napari_genemap.widgets.gene_maps import GeneMapsWidget
     from napari_genemap.widgets.session import session_for
@@ -90,7 +116,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sdata = read_slide(DATA, section=args.section)
-    for data, meta, kind in slide_layers(sdata, source={"path": str(DATA), "section": args.section, "mpp": None}):
+    for data, meta, kind in slide_layers(sdata, source=SlideSource(str(DATA), args.section)):
         getattr(viewer, f"add_{kind}")(data, **meta)
     wait_until(app, lambda: session.cache is not None and session.slide is sdata, 120)
     he = viewer.layers[f"{args.section} H&E"]

@@ -8,6 +8,7 @@ fresh gene-map cache; the backend export is made on the first run and reused by 
 after their first session), and the first run is reported on its own.
 
     .venv/bin/python benchmarks/latency.py [--slide SAMPLE_OR_PATH] [--section C3] [--backend auto] [--runs 3]
+                                           [--threads N]
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from napari_genemap.infer.view import view_plan
 from napari_genemap.sample import sample_root
 
 
-def one_run(spec: EngineSpec, canvas: int) -> tuple[float, float, float]:
+def one_run(spec: EngineSpec, canvas: int, threads: int | None) -> tuple[float, float, float]:
     """(seconds to ready, seconds from ready to the first finished tile, seconds to the whole view)."""
     started = time.perf_counter()
-    service = TileService(spec)
+    service = TileService(spec, threads)
     try:
         event = service.wait("ready", timeout=600)
         ready = time.perf_counter()
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--canvas", type=int, default=1000, help="canvas width in screen pixels")
+    parser.add_argument("--threads", type=int, help="the service's model threads (default: the viewer's)")
     args = parser.parse_args()
     exports = Path(tempfile.mkdtemp(prefix="genemap-latency-"))
     rows = []
@@ -73,7 +75,7 @@ def main() -> None:
             cache_root=str(cache_root),
             backend=args.backend,
         )
-        rows.append(one_run(spec, args.canvas))
+        rows.append(one_run(spec, args.canvas, args.threads))
         label = "first run (export made)" if run == 0 else f"run {run} (export reused)"
         print(f"{label}: ready {rows[-1][0]:.2f} s, first pixels +{rows[-1][1]:.2f} s, whole view +{rows[-1][2]:.2f} s")
     if len(rows) > 1:

@@ -38,6 +38,22 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(missing)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_exports(tmp_path_factory):
+    """One folder of exported model graphs for the whole run, as a user's machine keeps one: each test's fresh
+    gene-map cache would otherwise export the shipped model again (~14 s each). Service children inherit it."""
+    from napari_genemap.infer.backends import EXPORT_DIR_VARIABLE
+
+    folder = tmp_path_factory.mktemp("exports")
+    before = os.environ.get(EXPORT_DIR_VARIABLE)
+    os.environ[EXPORT_DIR_VARIABLE] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(EXPORT_DIR_VARIABLE, None)
+    else:
+        os.environ[EXPORT_DIR_VARIABLE] = before
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return SHARED_DATA

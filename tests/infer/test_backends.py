@@ -3,6 +3,9 @@ checkpoint and margin; a failed export falls back to torch with one warning; imp
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -10,10 +13,10 @@ import torch
 from napari_genemap.checkpoints import shipped_checkpoint
 from napari_genemap.data.resample import ModelFrameReader
 from napari_genemap.errors import GenemapDataWarning, GenemapInputError
-from napari_genemap.infer.backends import EXPORTS_FOLDER, build_runner, export_path, resolve_backend
+from napari_genemap.infer.backends import build_runner, export_path, resolve_backend
 from napari_genemap.models.checkpoint import load_checkpoint
 
-CPU = torch.device("cpu")
+CPU = "cpu"
 HALO_MARGIN = 96  # the engine's default halo (384 px) in the shipped model's map pixels (stride 4)
 
 
@@ -47,9 +50,9 @@ def torch_map(shipped, real_window):
     ],
 )
 def test_the_exported_model_gives_torchs_map_on_a_real_window(
-    shipped, real_window, torch_map, tmp_path_factory, backend, max_error, min_pearson
+    shipped, real_window, torch_map, shared_exports, backend, max_error, min_pearson
 ):
-    root = tmp_path_factory.getbasetemp() / "exports-shared"  # one export serves all three backends
+    root = shared_exports  # one export serves all three backends, and the tests that start a tile service
     run, got = build_runner(shipped, backend, CPU, HALO_MARGIN, root, torch.get_num_threads())
     assert got == backend
     density = run(real_window)
@@ -59,20 +62,20 @@ def test_the_exported_model_gives_torchs_map_on_a_real_window(
     assert error < max_error
     pearson = np.corrcoef(density.ravel(), torch_map.ravel())[0, 1]
     assert pearson > min_pearson
-    assert export_path(root / EXPORTS_FOLDER, shipped.digest, HALO_MARGIN).is_file()
+    assert export_path(root, shipped.digest, HALO_MARGIN).is_file()
 
 
 def test_an_export_is_made_once_per_checkpoint_and_margin(random_checkpoint, tmp_path):
     loaded = load_checkpoint(random_checkpoint)
     build_runner(loaded, "onnxruntime", CPU, 4, tmp_path, 1)
-    path = export_path(tmp_path / EXPORTS_FOLDER, loaded.digest, 4)
+    path = export_path(tmp_path, loaded.digest, 4)
     assert loaded.digest[:24] in path.name
     made = path.stat().st_mtime_ns
     build_runner(loaded, "openvino", CPU, 4, tmp_path, 1)  # another backend, the same graph
     assert path.stat().st_mtime_ns == made
     build_runner(loaded, "onnxruntime", CPU, 8, tmp_path, 1)  # another margin: another graph
-    assert len(list((tmp_path / EXPORTS_FOLDER).glob("*.onnx"))) == 2
-    assert not list((tmp_path / EXPORTS_FOLDER).glob(".*tmp"))  # no half-written export left
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+    assert not list(tmp_path.glob(".*tmp"))  # no half-written export left
 
 
 def test_a_failed_export_falls_back_to_torch_with_one_warning(random_checkpoint, tmp_path):
@@ -123,3 +126,55 @@ def test_genemap_predict_refuses_an_unknown_backend_in_one_line_before_any_work(
     assert code == 2 and len(lines) == 1 and lines[0].startswith("genemap: error: "), lines
     assert "--backend" in lines[0] and "tensorrt" in lines[0], lines[0]
     assert list(tmp_path.iterdir()) == []  # no store, no cache
+
+
+def test_an_engine_whose_export_exists_never_builds_the_torch_model(
+    random_checkpoint, sample_slide, tmp_path, monkeypatch
+):
+    from napari_genemap.infer.backends import EXPORT_DIR_VARIABLE
+    from napari_genemap.infer.engine import TileEngine
+
+    monkeypatch.setenv(EXPORT_DIR_VARIABLE, str(tmp_path / "exports"))  # none made yet
+
+    def predicted(cache_root):
+        loaded = load_checkpoint(random_checkpoint, lazy=True)
+        assert not loaded.built and loaded.stride == 8  # from the config alone
+        engine = TileEngine(loaded, sample_slide, cache_root, tile=128, halo=64, backend="openvino", start_model=True)
+        try:
+            assert engine.owner.ready(timeout=120) == "openvino"
+            built_for_ready = loaded.built
+            return engine.predict_tiles([(1, 1), (1, 2)]), built_for_ready, loaded.built
+        finally:
+            engine.close()
+
+    first, built_to_export, _ = predicted(tmp_path / "first")
+    assert built_to_export  # the export needs the torch model once
+    again, built_for_ready, built_at_all = predicted(tmp_path / "again")
+    assert not built_for_ready and not built_at_all  # ...and never again
+    for tile, values in first.items():
+        np.testing.assert_array_equal(again[tile], values)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the service's /proc/PID/maps")
+def test_a_tile_service_whose_export_exists_starts_without_torch(shared_exports, tmp_path):
+    """What a user waits for when a viewer opens: torch's import and the model build (3 s of the 5 s to
+    "ready" here) are skipped once the checkpoint's graph is exported; the first tile still comes."""
+    from napari_genemap.infer.backends import export_onnx
+    from napari_genemap.infer.predict import EngineSpec
+    from napari_genemap.infer.service import TileService
+    from napari_genemap.sample import SECTION, sample_root
+
+    export_onnx(load_checkpoint(shipped_checkpoint(), lazy=True), HALO_MARGIN, shared_exports)
+    spec = EngineSpec(
+        slide=str(sample_root()), section=SECTION, checkpoint=str(shipped_checkpoint()), cache_root=str(tmp_path)
+    )
+    service = TileService(spec)
+    try:
+        assert service.wait("ready", timeout=120).payload["backend"].startswith("openvino")
+        service.want([(0, 0, 0)])
+        while not service.wait("tiles", timeout=120).payload["done"]:
+            pass
+        libraries = Path(f"/proc/{service._process.pid}/maps").read_text()
+        assert "libopenvino" in libraries and "libtorch" not in libraries
+    finally:
+        service.close()

@@ -21,14 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from ..data.resample import ModelFrameReader
-from ..device import resolve_device
+from ..device import device_type
 from ..errors import GenemapDataWarning
-from .backends import Runner, build_runner, check_backend_name, resolve_backend
+from .backends import Runner, build_runner, exports_folder, resolve_backend
 from .cache import GeneMapCache, signature, slide_identity
 from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
 Tile = tuple[int, int]
-RunnerFactory = Callable[[int], tuple[Runner, str]]
+RunnerFactory = Callable[[int | None], tuple[Runner, str]]
 Progress = Callable[[int, int, str], None]
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ class ModelOwner:
 
     The thread builds its runner first (`backends.build_runner`: an export or compile may take seconds),
     so a caller that needs the model ready waits with `ready`; ``margin`` output pixels are dropped on
-    each side of every window's map."""
+    each side of every window's map; ``shapes``: the (n, H, W) of the windows to come, prepared while
+    building; ``threads``: the model's CPU threads (None: the backend's own choice)."""
 
     def __init__(
         self,
@@ -48,16 +49,18 @@ class ModelOwner:
         *,
         backend: str = "auto",
         margin: int = 0,
-        export_root: str | Path | None = None,
+        exports: str | Path | None = None,
+        shapes: tuple[tuple[int, int, int], ...] = (),
+        threads: int | None = None,
         runner_factory: RunnerFactory | None = None,
     ):
-        self.device = resolve_device(device)
-        self.requested_backend = check_backend_name(backend)
+        self.device = device_type(device)
         self.backend = ""  # the one it got, once ready
         self.busy_seconds = 0.0  # time spent in the model, to tell model cost from overhead
         self._build = runner_factory or (
-            lambda threads: build_runner(loaded, backend, self.device, margin, export_root, threads)
+            lambda threads: build_runner(loaded, backend, device, margin, exports, threads, shapes)
         )
+        self._threads = threads
         self._ready: Future[str] = Future()
         self._requests: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="genemap-model", daemon=True)
@@ -73,11 +76,9 @@ class ModelOwner:
         return future
 
     def _serve(self) -> None:
-        import torch
-
         run: Runner | None = None
         try:
-            run, self.backend = self._build(torch.get_num_threads())
+            run, self.backend = self._build(self._threads)
             self._ready.set_result(self.backend)
         except BaseException as error:  # every request then re-raises it
             self._ready.set_exception(error)
@@ -176,13 +177,18 @@ class TileEngine:
         skip_background: bool = True,
         min_level_side: int = 256,
         backend: str = "auto",
+        threads: int | None = None,
+        start_model: bool = False,
         runner_factory: RunnerFactory | None = None,
     ):
         """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide; ``batch_size``:
         windows per model call (default 1 on the CPU, where batching gains nothing and costs memory, 4 on CUDA);
         ``backend``: one of `backends.BACKENDS` (part of the cache's signature: backends differ in the last
-        bits, bfloat16 in the third digit, and one cache never mixes them); ``runner_factory``: (threads) ->
-        (runner, name), for a backend measured outside `backends.BACKENDS` (the benchmark's int8 graphs)."""
+        bits, bfloat16 in the third digit, and one cache never mixes them); ``threads``: the model's CPU
+        threads (None: the backend's choice); ``start_model``: build the model's runner now, while the
+        tissue mask is computed (what a viewer waits for), not on the first prediction; ``runner_factory``:
+        (threads) -> (runner, name), for a backend measured outside `backends.BACKENDS` (the benchmark's int8
+        graphs)."""
         from ..io import image_levels, slide_mpp
 
         self.loaded = model
@@ -192,21 +198,26 @@ class TileEngine:
         self.slide_mpp = slide_mpp(sdata)
         factor = model.mpp / self.slide_mpp
         self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
-        self.backend = resolve_backend(backend, resolve_device(device).type, exportable=bool(model.digest))
+        kind = device_type(device)
+        self.backend = resolve_backend(backend, kind, exportable=bool(model.digest))
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
         value["backend"] = self.backend if runner_factory is None else f"custom-{id(runner_factory)}"
+        self.batch_size = batch_size or (4 if kind == "cuda" else 1)
         self._runner_factory = runner_factory
-        self.mask: np.ndarray | None
-        self.mask, self.mask_scale = tissue_mask(levels, scales, self.slide_mpp) if skip_background else (None, 1.0)
-        tissue = None if self.mask is None else map_tissue(self.mask, self.mask_scale, self.grid)
-        levels_count = self.grid.levels(min_level_side)
-        self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, levels_count, tissue=tissue)
-        if batch_size is None:
-            batch_size = 4 if resolve_device(device).type == "cuda" else 1
-        self.batch_size = batch_size
-        self._owner: ModelOwner | None = None  # the model thread starts on the first prediction
-        self._device = device
+        self._device, self._threads, self._exports = device, threads, exports_folder(cache_root)
         self._lock = threading.Lock()
+        # the model thread starts on the first prediction, or now to build the runner while the rest is set up
+        self._owner: ModelOwner | None = self._new_owner() if start_model else None
+        self.mask: np.ndarray | None
+        try:
+            self.mask, self.mask_scale = tissue_mask(levels, scales, self.slide_mpp) if skip_background else (None, 1.0)
+            tissue = None if self.mask is None else map_tissue(self.mask, self.mask_scale, self.grid)
+            levels_count = self.grid.levels(min_level_side)
+            self.cache = GeneMapCache(cache_root, value, self.grid, self.genes, levels_count, tissue=tissue)
+        except BaseException:
+            if self._owner is not None:
+                self._owner.close()
+            raise
         self._pending: dict[tuple[int, int, int], Future] = {}
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genemap-read")
         self.stats = {"predicted": 0, "empty": 0, "downsampled": 0}
@@ -295,16 +306,22 @@ class TileEngine:
     def owner(self) -> ModelOwner:
         with self._lock:
             if self._owner is None:
-                margin, _ = self.grid.valid_in_output()
-                self._owner = ModelOwner(
-                    self.loaded,
-                    self._device,
-                    backend=self.backend,
-                    margin=margin,
-                    export_root=self.cache.path.parent,
-                    runner_factory=self._runner_factory,
-                )
+                self._owner = self._new_owner()
             return self._owner
+
+    def _new_owner(self) -> ModelOwner:
+        margin, _ = self.grid.valid_in_output()
+        y0, y1, _, _ = self.grid.window_box(0, 0)  # every window is this square
+        return ModelOwner(
+            self.loaded,
+            self._device,
+            backend=self.backend,
+            margin=margin,
+            exports=self._exports,
+            shapes=((self.batch_size, y1 - y0, y1 - y0),),
+            threads=self._threads,
+            runner_factory=self._runner_factory,
+        )
 
     def close(self) -> None:
         self._readers.shutdown(wait=True)

@@ -53,13 +53,17 @@ class EngineSpec:
     backend: str = "auto"
     read_options: dict = field(default_factory=dict)
 
-    def build(self):
+    def build(self, threads: int | None = None, start_model: bool = False):
+        """The engine; ``start_model``: build the model's runner while the tissue mask is made (`TileEngine`),
+        from a lazily opened checkpoint, so that a backend with its export made never imports torch (what the
+        viewer's tile service waits for; a bad weights file is then reported when the runner is built).
+        Otherwise the checkpoint is checked whole before anything is written."""
         from ..io import read_slide
         from ..models.checkpoint import load_checkpoint
         from .engine import TileEngine
 
+        model = load_checkpoint(self.checkpoint, lazy=start_model)
         sdata = read_slide(self.slide, section=self.section, mpp=self.mpp)
-        model = load_checkpoint(self.checkpoint)
         return TileEngine(
             model,
             sdata,
@@ -69,6 +73,8 @@ class EngineSpec:
             batch_size=self.batch_size,
             device=self.device,
             backend=self.backend,
+            threads=threads,
+            start_model=start_model,
         )
 
 

@@ -168,9 +168,9 @@ class TileService:
     service dropped without `close` is closed when collected or at exit."""
 
     def __init__(self, spec: EngineSpec, threads: int | None = None):
-        """``threads``: torch threads in the service (default: all cores but one, which the viewer keeps
-        for drawing and input)."""
-        threads = threads or max(1, (os.cpu_count() or 2) - 1)
+        """``threads``: the model's threads in the service (default: every core; the service runs at a lower
+        priority, so the viewer's drawing and input still come first)."""
+        threads = threads or os.cpu_count() or 1
         self.spec = spec
         self._next_request = 0
         self._died_reported = False
@@ -409,14 +409,11 @@ class _Events:
 
 
 def serve(spec: EngineSpec, requests: queue.Queue, events, threads: int) -> None:
-    """The service's main loop (runs in the child)."""
-    import torch
-
+    """The service's main loop (runs in the child). Torch is imported only if the model runs in it."""
     # background work: the viewer's process (drawing, input) goes first when they compete for cores
     os.nice(NICENESS)
-    torch.set_num_threads(threads)
     try:
-        engine = spec.build()
+        engine = spec.build(threads=threads, start_model=True)
     except Exception as error:  # reported to the viewer as one line
         logger.exception("tile service: cannot build the engine")
         events.put(Failed(_one_line(error)))

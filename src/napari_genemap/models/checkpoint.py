@@ -13,7 +13,8 @@ import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -32,18 +33,52 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-@dataclass
 class GeneMapModel:
-    """A loaded model (PixNet or another registered class) with what it takes to use it on a slide."""
+    """A loaded model (PixNet or another registered class) with what it takes to use it on a slide.
 
-    model: nn.Module
-    protocol: Protocol
-    mpp: float  # µm per input pixel the model was trained at
-    window: int  # training window side in input pixels
-    path: Path | None = None
-    provenance: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    digest: str = ""  # sha256 of the weights file: identifies the checkpoint in caches
+    Opened with ``load_checkpoint(..., lazy=True)``, the torch module is built on first use of `model`: a
+    process that runs the checkpoint's exported graph (`infer.backends`) then never imports torch, which
+    is most of the wait before a viewer's first predicted pixels."""
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        protocol: Protocol,
+        mpp: float,
+        window: int,
+        path: Path | None = None,
+        provenance: dict | None = None,
+        metrics: dict | None = None,
+        digest: str = "",
+        stride: int | None = None,
+        build: Callable[[], nn.Module] | None = None,
+    ):
+        """``model``, or ``build`` (made on first use) with the ``stride`` it will have."""
+        if model is None and (build is None or stride is None):
+            raise ValueError("a GeneMapModel needs its model, or a builder and the model's stride")
+        self.protocol = protocol
+        self.mpp = mpp  # µm per input pixel the model was trained at
+        self.window = window  # training window side in input pixels
+        self.path = path
+        self.provenance = provenance or {}
+        self.metrics = metrics or {}
+        self.digest = digest  # sha256 of the weights file: identifies the checkpoint in caches
+        self._model, self._build, self._stride = model, build, stride
+        self._lock = threading.Lock()
+
+    @property
+    def model(self) -> nn.Module:
+        with self._lock:  # the model thread and the caller may both ask first
+            if self._model is None:
+                assert self._build is not None  # __init__ requires one of the two
+                self._model, self._build = self._build(), None
+            return self._model
+
+    @property
+    def built(self) -> bool:
+        """Whether the torch module exists yet (a lazily opened checkpoint's stays unbuilt until used)."""
+        return self._model is not None
 
     @property
     def genes(self) -> tuple[str, ...]:
@@ -51,8 +86,13 @@ class GeneMapModel:
 
     @property
     def stride(self) -> int:
+        if self._model is None:
+            return cast(int, self._stride)
         # every registered model class has an int ``stride``; nn.Module's attribute typing cannot say so
-        return cast(int, self.model.stride)
+        return cast(int, self._model.stride)
+
+    def __repr__(self) -> str:
+        return f"GeneMapModel({len(self.genes)} genes, {self.mpp} µm/px, stride {self.stride}, path={self.path})"
 
 
 def save_checkpoint(
@@ -242,18 +282,42 @@ def read_checkpoint_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> GeneMapModel:
-    """Rebuild the model its config names and load the weights (safetensors only; cast to float32)."""
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", *, lazy: bool = False) -> GeneMapModel:
+    """Rebuild the model its config names and load the weights (safetensors only; cast to float32).
+
+    ``lazy``: check the config now and build the model (importing torch) on first use of ``.model``, when
+    the architecture names its ``stride`` (PixNet's does); a bad weights file is then reported at that use."""
+    folder = _checkpoint_folder(Path(path))
+    config = read_checkpoint_config(folder)
+    config_path = folder / CONFIG_FILE
+    protocol = _check_protocol(config["protocol"], config["genes"], config_path)
+    weights_path = folder / WEIGHTS_FILE
+    stride = config["architecture"].get("stride")
+    lazy = lazy and isinstance(stride, int) and not isinstance(stride, bool) and stride > 0
+    model = None if lazy else _build_model(folder, config, device)
+    return GeneMapModel(
+        model,
+        protocol=protocol,
+        mpp=float(config["mpp"]),
+        window=int(config["window"]),
+        path=folder,
+        provenance=config.get("provenance", {}),
+        metrics=config.get("metrics", {}),
+        digest=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
+        stride=stride if lazy else None,
+        build=(lambda: _build_model(folder, config, device)) if lazy else None,
+    )
+
+
+def _build_model(folder: Path, config: dict, device) -> nn.Module:
+    """The registered class the config names, with the checkpoint's weights, checked one by one."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = _checkpoint_folder(Path(path))
-    config = read_checkpoint_config(folder)
     config_path = folder / CONFIG_FILE
-    cls = model_class(config.get("model_class", DEFAULT_MODEL))
-    protocol = _check_protocol(config["protocol"], config["genes"], config_path)
     genes = list(config["genes"])
+    cls = model_class(config.get("model_class", DEFAULT_MODEL))
     try:
         architecture = cls.config_class.from_dict(config["architecture"])
         model = cls.from_config(architecture)
@@ -297,14 +361,4 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
                     "(a damaged file or a diverged training run)"
                 )
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    model.to(device).eval()
-    return GeneMapModel(
-        model=model,
-        protocol=protocol,
-        mpp=float(config["mpp"]),
-        window=int(config["window"]),
-        path=folder,
-        provenance=config.get("provenance", {}),
-        metrics=config.get("metrics", {}),
-        digest=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
-    )
+    return model.to(device).eval()
