@@ -15,6 +15,8 @@ per tile, or per map position with the same weights as 1 x 1 convolutions; a lin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -31,7 +33,7 @@ class DiffusionFeatures(nn.Module):
         super().__init__()
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.sigma = sigma
-        unet = denoiser.unet
+        unet: Any = denoiser.unet  # a diffusers UNet2DModel
         self.stages = [unet.mid_block, *unet.up_blocks]
         self._maps: list[torch.Tensor] = []
         for stage in self.stages:
@@ -40,7 +42,7 @@ class DiffusionFeatures(nn.Module):
     @property
     def channels(self) -> list[int]:
         """Channels of each stage's map (what `FeatureReducer` is built for)."""
-        unet = self.denoiser.unet
+        unet: Any = self.denoiser.unet
         widths = list(unet.config.block_out_channels)
         return [widths[-1], *reversed(widths)]
 
