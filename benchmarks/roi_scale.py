@@ -6,7 +6,7 @@ uniform over the slide, radii log-uniform in 10-200 µm, seed fixed. Each measur
 process, so its peak memory (``ru_maxrss`` from ``wait4``) is its own:
 
 - in-process: ``aggregate_circles(read_prediction(store), ...)`` in a process that has already imported
-  everything and aggregated 10 circles (torch, FBGEMM's first call); the time is that call alone;
+  everything and aggregated 10 circles (zarr's and the thread pools' first calls); the time is that call alone;
 - CLI: ``genemap aggregate STORE --circles C.csv --out T.{parquet,csv,h5ad}`` end to end (Python start,
   imports, reading the store and the circles, aggregating, writing). The 1-circle row is the fixed cost.
 
@@ -89,7 +89,6 @@ def in_process(store: str, circles: str, reference_src: str | None, repeats: int
     import pandas as pd
 
     warnings.simplefilter("ignore")
-    import torch  # noqa: F401 - imported before the clock starts, as a running viewer has it
 
     if reference_src:
         sys.path.insert(0, reference_src)
@@ -99,7 +98,7 @@ def in_process(store: str, circles: str, reference_src: str | None, repeats: int
     table = pd.read_csv(circles)
     centers = table[["x", "y"]].to_numpy(float)
     radii = table["radius_um"].to_numpy(float) / source.slide_mpp
-    aggregate_circles(source, centers[:10], radii[:10])  # first calls: FBGEMM, zarr, thread pools
+    aggregate_circles(source, centers[:10], radii[:10])  # first calls: zarr, thread pools
     best = (float("inf"), float("nan"))
     for _ in range(repeats):
         before = resource.getrusage(resource.RUSAGE_SELF)

@@ -129,3 +129,22 @@ def test_dyadic_cells_tile_every_run_exactly(width):
     covered = np.bincount(run, weights=stop - start, minlength=len(a))
     np.testing.assert_array_equal(covered, b - a)  # disjoint cells inside the run that add up to it
     assert np.bincount(run, minlength=len(a)).max() <= 2 * (levels + 1)
+
+
+def test_circles_are_integrated_without_importing_torch():
+    """The viewer's tile service runs its model without torch; its first ROI must not pay torch's import."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+import numpy as np
+from napari_genemap.infer.disk_sums import integrate_disks
+values = np.arange(2 * 40 * 50, dtype=np.float32).reshape(2, 40, 50)
+result = integrate_disks(lambda i0, i1, j0, j1, genes: values[genes, i0:i1, j0:j1], (40, 50), 2,
+                         np.array([[20.0, 10.0]]), np.array([3.0]))
+assert result.shape == (1, 2) and result[0, 0] > 0, result
+assert "torch" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

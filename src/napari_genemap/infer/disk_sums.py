@@ -17,15 +17,17 @@ How, and why this way (measured on the bundled sample's 176 x 176 x 785-gene map
   float64 product runs at half the speed and twice the memory. Dyadic terms are all sums of the pixels
   being added, so with a map that is >= 0 nothing cancels and float32 tables stay within ~1e-6 relative.
 - The integral of every disk is then a weighted sum of rows of one table (pixels, dyadic sums) x genes:
-  a "sparse lengths weighted sum". `torch.nn.functional.embedding_bag` computes exactly that with FBGEMM's
-  JIT-compiled SIMD kernels, multi-threaded over disks: ~10-16 GMAC/s per core here, 3-4x scipy.sparse's
-  CSR product (2.4-4 GMAC/s) on the same weights; the weights (~110 terms per disk for radii of 1-25 map
-  pixels) are built with vectorised numpy in batches small enough to stay in cache, on two threads.
+  one sparse matrix (disks x table rows, ~110 terms per disk for radii of 1-25 map pixels) times the table,
+  scipy.sparse's CSR product. `torch.nn.functional.embedding_bag` computes the same with FBGEMM on several
+  threads: as fast for 10^4 disks (0.65 s), 0.8 s faster for 10^5 (2.6 s against 3.4 s, two cores), but
+  importing torch costs 1.2 s, more than it saves in `genemap aggregate`, and the viewer's tile service
+  runs its model without torch (`infer.backends`). The weights are built with vectorised numpy in batches
+  small enough to stay in cache, on two threads.
   A 2-D summed-area table was not used: whole pixels are not rectangles (the rows' runs all differ) and
   its float32 sums cancel worse still. Dense per-tile products (weights x tile, BLAS) were estimated no
   faster: a disk of these radii cuts ~8 tiles of 8 x 8 pixels, ~500 dense weights against ~110 terms.
 - Streaming: the map is read in regions aligned to its chunks (at most `REGION_SIDE` pixels a side) and,
-  within a region, in groups of genes sized by `TABLE_BUDGET_BYTES` (at most `GENE_GROUP`: FBGEMM's rows
+  within a region, in groups of genes sized by `TABLE_BUDGET_BYTES` (at most `GENE_GROUP`: the table's rows
   stay in cache). A region's weights are built once and used for each of its gene groups, so one group's
   table is the only copy of the map held at a time. Disks crossing regions are split exactly: each region
   integrates the part of the disk inside it (rows and columns clipped to the region), as the map's own
@@ -46,7 +48,7 @@ import numpy as np
 
 #: largest side of a region read at once (map pixels); the store's chunks decide the exact size
 REGION_SIDE = 256
-#: most genes per table (FBGEMM's table rows stay in cache; measured best at 64-128 on this CPU)
+#: most genes per table (its rows stay in cache; measured best at 64-128 on this CPU)
 GENE_GROUP = 64
 #: most bytes of one gene group's table (float32 pixels and dyadic sums) and its raw block
 TABLE_BUDGET_BYTES = 64 * 2**20
@@ -54,8 +56,6 @@ TABLE_BUDGET_BYTES = 64 * 2**20
 MAX_TERMS = 2**25
 #: widest region whose runs' dyadic decompositions are tabulated (width² / 2 runs; wider ones are computed)
 DYADIC_LOOKUP_WIDTH = 512
-#: fewer disks than this in a region are summed on one thread (forking torch's threads costs more)
-PARALLEL_DISKS = 4096
 #: result rows put into the output at once (a temporary below 4 MB)
 SUM_ROWS = 4096
 #: threads building the weights
@@ -428,8 +428,7 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
     """Sum the terms of ``parts`` over every gene group of ``box`` into ``out[disks]``: set for the first
     ``owned`` disks, added for the rest. With a ``reader`` (thread), each next gene group is read while
     one is summed."""
-    import torch
-    import torch.nn.functional as F
+    from scipy import sparse
 
     i0, i1, j0, j1 = box
     _, _, table_rows = table_layout(i1 - i0, j1 - j0)
@@ -437,9 +436,12 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
     step = groups[0].stop - groups[0].start
     rim_rows, rim_offsets = _joined(parts, "rim_rows", "rim_offsets")
     run_rows, run_offsets = _joined(parts, "run_rows", "run_offsets")
-    rim_index, rim_starts = torch.from_numpy(rim_rows), torch.from_numpy(rim_offsets.astype(np.int32))
-    run_index, run_starts = torch.from_numpy(run_rows), torch.from_numpy(run_offsets.astype(np.int32))
-    rim_weights = torch.from_numpy(np.concatenate([p.rim_weights for p in parts]))
+    rim_weights = np.concatenate([p.rim_weights for p in parts]).astype(np.float32, copy=False)
+    shape = (len(rim_offsets) - 1, table_rows)
+    # one sparse matrix: each disk's weighted rim pixels and its whole runs (weight 1) as a row
+    terms = sparse.csr_matrix((rim_weights, rim_rows, rim_offsets), shape=shape) + sparse.csr_matrix(
+        (np.ones(len(run_rows), np.float32), run_rows, run_offsets), shape=shape
+    )
     owned = min(owned, len(disks))
     # results come in Z-order; written in the output's row order (page after page, not a random row each
     # time: 10^5 random rows of a 0.3 GB table cost ~10x more), as one slice when the rows are consecutive
@@ -450,16 +452,9 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
     buffer = np.empty(table_rows * step, np.float32)
 
     def add(genes: slice, block) -> None:
-        # two torch calls a group, the rest in numpy: after each parallel region torch's OpenMP threads
-        # spin for milliseconds, which on two shared cores is time taken from everything else. Temporaries
-        # stay below numpy's huge-page size (4 MB): fresh huge pages are zeroed on every allocation.
+        # temporaries stay below numpy's huge-page size (4 MB): fresh huge pages are zeroed on every allocation
         reuse = buffer[: table_rows * (genes.stop - genes.start)].reshape(table_rows, -1)
-        table = torch.from_numpy(build_table(np.asarray(block), reuse))
-        rim = F.embedding_bag(
-            rim_index, table, rim_starts, mode="sum", per_sample_weights=rim_weights, include_last_offset=True
-        ).numpy()
-        values = F.embedding_bag(run_index, table, run_starts, mode="sum", include_last_offset=True).numpy()
-        values += rim
+        values = np.asarray(terms @ build_table(np.asarray(block), reuse), np.float32)
         for lo in range(0, owned, SUM_ROWS):
             rows = (
                 own_rows[lo : lo + SUM_ROWS]
@@ -470,33 +465,14 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
         if owned < len(disks):
             out[disks[owned:], genes] += values[owned:]
 
-    with _torch_threads(1 if len(disks) < PARALLEL_DISKS else None):
-        if reader is None:
-            for genes in groups:
-                add(genes, read(i0, i1, j0, j1, genes))
-            return
-        # the next gene group is read (decoded) in a thread while this one is summed: both release the GIL
-        ahead = reader.submit(read, i0, i1, j0, j1, groups[0])
-        for number, genes in enumerate(groups):
-            block = ahead.result()
-            if number + 1 < len(groups):
-                ahead = reader.submit(read, i0, i1, j0, j1, groups[number + 1])
-            add(genes, block)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None):
-    """torch's intra-op threads set to ``threads`` for the block (None: left as they are). A parallel
-    region costs its fork and join: microseconds on idle cores, a scheduler time slice (milliseconds) on
-    busy ones, far more than summing a few thousand disks takes."""
-    import torch
-
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
+    if reader is None:
+        for genes in groups:
+            add(genes, read(i0, i1, j0, j1, genes))
         return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    # the next gene group is read (decoded) in a thread while this one is summed: both release the GIL
+    ahead = reader.submit(read, i0, i1, j0, j1, groups[0])
+    for number, genes in enumerate(groups):
+        block = ahead.result()
+        if number + 1 < len(groups):
+            ahead = reader.submit(read, i0, i1, j0, j1, groups[number + 1])
+        add(genes, block)
