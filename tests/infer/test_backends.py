@@ -158,7 +158,10 @@ def test_an_engine_whose_export_exists_never_builds_the_torch_model(
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the service's /proc/PID/maps")
 def test_a_tile_service_whose_export_exists_starts_without_torch(shared_exports, tmp_path):
     """What a user waits for when a viewer opens: torch's import and the model build (3 s of the 5 s to
-    "ready" here) are skipped once the checkpoint's graph is exported; the first tile still comes."""
+    "ready" here) are skipped once the checkpoint's graph is exported; the first tile and circle still come."""
+    import geopandas as gpd
+    import shapely
+
     from napari_genemap.infer.backends import export_onnx
     from napari_genemap.infer.predict import EngineSpec
     from napari_genemap.infer.service import TileService
@@ -174,6 +177,9 @@ def test_a_tile_service_whose_export_exists_starts_without_torch(shared_exports,
         service.want([(0, 0, 0)])
         while not service.wait("tiles", timeout=120).payload["done"]:
             pass
+        circles = gpd.GeoDataFrame({"radius": [60.0]}, geometry=shapely.points([(700, 700)]), index=["a"])
+        service.aggregate(circles)  # a drawn circle, or the Pearson at the measured spots
+        assert service.wait("aggregated", timeout=120).payload["table"].n_obs == 1
         libraries = Path(f"/proc/{service._process.pid}/maps").read_text()
         assert "libopenvino" in libraries and "libtorch" not in libraries
     finally:
