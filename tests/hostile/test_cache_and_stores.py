@@ -304,7 +304,7 @@ def _level0_shards(cache: Path) -> int:
 @pytest.mark.slow  # two whole CLI processes, one after the other overlapping: about 60 s on two cores
 def test_two_predict_runs_on_one_cache_compute_each_tile_once(checkpoint, tmp_path):
     """Run A is frozen (SIGSTOP) just after its first tile, in the middle of its first task; run B starts on
-    the same cache. B computes what A has not claimed, then waits for A's tiles (before: it computed them
+    the same cache. B waits for the tiles A claimed instead of computing them (before: it computed them
     too). A is thawed when B waits (or, before, when B has finished); each tile is computed once in all."""
     import signal
     import threading
@@ -349,6 +349,8 @@ def test_two_predict_runs_on_one_cache_compute_each_tile_once(checkpoint, tmp_pa
         predicted.append(int(counts.group(4)))
     (tissue_tiles,) = tissue
     assert sum(predicted) == tissue_tiles, predicted  # no tile computed twice
-    assert predicted[1] > 0  # ...and B did share the work
+    # B found A's claims and waited for them; how many of the rest each run then took is a race once A is
+    # thawed (with the model exported beforehand, A's next tasks often claim all of them first)
+    assert any("another process is computing" in line for line in lines), "".join(lines)
     np.testing.assert_array_equal(_maps(tmp_path / "a.zarr"), _maps(tmp_path / "b.zarr"))
     assert not list(_store_dir(cache).glob("level0/claims/*"))  # every claim released
