@@ -205,6 +205,17 @@ def test_cancel_keeps_the_last_checkpoint(runs, her2st, taef2):
         train_diffbulk_stage1(config)
 
 
+def test_cancel_while_encoding_leaves_no_partial_cache(her2st, taef2, tmp_path):
+    from napari_genemap.sample import sample_root
+
+    settings = _settings(her2st, taef2, tmp_path / "run", validation=[])
+    settings["slides"] = [{"path": str(sample_root()), "section": "B4_crop"}]  # a small image: a quick read
+    asked: list[bool] = []
+    summary = train_diffbulk_stage1(_config(tmp_path, settings), cancel=lambda: asked.append(True) or True)
+    assert summary["cancelled"] and summary["steps"] == 0 and summary["checkpoint"] is None
+    assert asked and not list((tmp_path / "run").rglob("*.npy"))  # asked after the first batch; nothing cached
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [
@@ -292,3 +303,16 @@ def test_genemap_train_diffbulk_stage1_runs_from_the_cli(runs, her2st, taef2, ca
     assert [e["step"] for e in steps] == [1, 2] and set(steps[-1]["validation_loss"]) == {n for n, _, _ in BANDS}
     assert events[-1]["event"] == "done" and events[-1]["checkpoint"] == str(out / CHECKPOINT_DIR)
     assert load_stage1(out).step == 2
+
+
+def test_other_checkpoints_are_refused_in_one_line(tmp_path):
+    from napari_genemap.checkpoints import shipped_checkpoint
+
+    with pytest.raises(
+        GenemapInputError, match=r"field 'format' is 'napari-genemap/pixnet'; expected 'napari-genemap/diffbulk-stage1'"
+    ):
+        load_stage1(shipped_checkpoint())
+    with pytest.raises(GenemapInputError, match="no such stage-1 checkpoint"):
+        load_stage1(tmp_path / "nothing")
+    with pytest.raises(GenemapInputError, match="holds no training state"):
+        read_training_state(shipped_checkpoint())

@@ -94,7 +94,7 @@ class DiffBulkStage1Config:
     max_condition_genes: int = 0  # cap on a sample's condition genes (0: none)
     max_tiles: int = 0  # at most this many tiles per slide, drawn with the seed (0: all)
     augment: int = 1  # dihedral variants encoded per tile (1: none, 8: all flips and rotations)
-    validation_tiles: int = 64  # tiles the validation loss uses (evenly spaced)
+    validation_tiles: int = 32  # tiles the validation loss uses (evenly spaced; ~6 s per check at cpu-small)
     eval_every: int = 100
     preview_every: int = 500  # 0: no previews
     preview_n: int = 4
@@ -246,6 +246,10 @@ def _check_type(name: str, declared: str, value: Any, source: str) -> None:
 # --- data ---------------------------------------------------------------------------------------------
 
 
+class Cancelled(Exception):
+    """Cancelled before training began (while tiles were being encoded)."""
+
+
 @dataclass
 class TileSet:
     """One slide's training pairs: stored latents (float16) and the protocol's values of each tile."""
@@ -264,9 +268,11 @@ def load_tile_sets(
     encode: Callable[[np.ndarray], np.ndarray],
     encoder_digest: str,
     progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, TileSet], Protocol, dict]:
     """Every slide's tiles, encoded once (``<out>/latents``); the protocol's genes come from training slides
-    when the protocol selects them. Returns the sets, the protocol and counts of tiles encoded and cached."""
+    when the protocol selects them. Returns the sets, the protocol and counts of tiles encoded and cached.
+    ``cancel`` is asked between batches of tiles: `Cancelled` leaves no partial cache file."""
     from ..data.latents import cache_key, cache_path, cached_latents, dihedral, encode_tiles, file_identity
     from ..data.protocols import get_protocol
     from ..data.pseudobulk import normalise_tiles, read_tiles, spot_tiles
@@ -296,13 +302,20 @@ def load_tile_sets(
                 "space": space.space,
                 "encoder": encoder_digest,
                 "variants": config.augment,
+                "cache_format": 1,  # raise when reading or encoding tiles changes
             }
         )
 
         def make(sdata=sdata, tiles=tiles, name=name) -> np.ndarray:
             logger.info("%s: reading and encoding %d tiles (%d variants)", name, tiles.n_obs, config.augment)
             images = dihedral(read_tiles(sdata, tiles, mpp), config.augment)
-            step = (lambda done, total, text: progress(0, config.steps, f"{text} {done}/{total}")) if progress else None
+
+            def step(done: int, total: int, text: str) -> None:
+                if cancel is not None and cancel():
+                    raise Cancelled(f"cancelled while encoding {name}'s tiles")
+                if progress is not None:
+                    progress(0, config.steps, f"{text} {done}/{total}")
+
             return encode_tiles(images, encode, progress=step, label=f"{name}: encoding tiles")
 
         latents, made = cached_latents(cache_path(cache, name, key), make)
@@ -390,7 +403,24 @@ def train_diffbulk_stage1(
         protocol = None
     space = model.latent
     taef2, encode, digest = _encoder(config, space, device)
-    sets, protocol, cache_counts = load_tile_sets(config, protocol, space, model.tile_px, encode, digest, progress)
+    try:
+        sets, protocol, cache_counts = load_tile_sets(
+            config, protocol, space, model.tile_px, encode, digest, progress, cancel
+        )
+    except Cancelled as stop:
+        logger.info("%s", stop)
+        checkpoint = str(resumed.path) if resumed else None
+        return {
+            "checkpoint": checkpoint,
+            "best_validation": None,
+            "validation_loss": None,
+            "steps": 0,
+            "cancelled": True,
+            "seconds": time.perf_counter() - started,
+            "history": [],
+            "preview": None,
+            "latents": {},
+        }
     assert protocol is not None
     train_sets = [s for name, s in sets.items() if name not in config.validation]
     valid_sets = [sets[name] for name in config.validation]
@@ -459,6 +489,7 @@ def train_diffbulk_stage1(
         }
         last = step == config.steps
         if step % config.eval_every == 0 or last:
+            timer = time.perf_counter()
             bands, unconditioned = _validation_bands(model, check_set, rows, config.batch_size, device)
             record["validation_loss"] = bands
             record["validation_loss_unconditioned"] = unconditioned
@@ -479,10 +510,13 @@ def train_diffbulk_stage1(
                 training_state=save_stage1_state,
             )
             record["saved"] = saved = True
+            record["eval_seconds"] = time.perf_counter() - timer  # validation and saving
             logger.info("step %d: validation loss %s; saved %s", step, _bands_text(bands), target)
         if config.preview_every and (step % config.preview_every == 0 or last):
+            timer = time.perf_counter()
             last_preview = _write_preview(model, taef2, preview, rows, config, out / "previews", step, device)
             record["preview"] = str(last_preview)
+            record["preview_seconds"] = time.perf_counter() - timer
         history.append(record)
         if on_metrics is not None:
             on_metrics(record)
