@@ -316,3 +316,22 @@ def test_other_checkpoints_are_refused_in_one_line(tmp_path):
         load_stage1(tmp_path / "nothing")
     with pytest.raises(GenemapInputError, match="holds no training state"):
         read_training_state(shipped_checkpoint())
+
+
+def test_without_taef2_it_trains_in_pixel_space_at_64_px(her2st, tmp_path):
+    from PIL import Image
+
+    from napari_genemap.sample import sample_root
+
+    settings = _settings(her2st, Path(""), tmp_path / "run", validation=[], steps=2, eval_every=2, preview_every=2)
+    settings["slides"] = [{"path": str(sample_root()), "section": "B4_crop"}]
+    settings["taef2"] = ""  # nothing downloads: the TAEF2 preset falls back to pixels
+    summary, records = _run(_config(tmp_path, settings))
+    loaded = load_stage1(summary["checkpoint"])
+    assert loaded.config["latent"]["space"] == "pixel" and loaded.config["tile"]["tile_px"] == 64
+    assert loaded.config["edm"]["in_channels"] == 3 and loaded.model.tile_px == 64
+    assert records[-1]["validation_on"] == "training tiles"  # no slide held out
+    with Image.open(records[-1]["preview"]) as image:
+        assert image.size == (3 * 64 + 2 * 4, 2 * 64 + 4)
+    cached = np.load(next((tmp_path / "run" / "latents").glob("*.npy")))
+    assert cached.shape == (16, 1, 3, 64, 64) and cached.min() >= 0 and cached.max() <= 1  # RGB in [0, 1]
