@@ -315,3 +315,52 @@ class TrainingHistory:
 def _nanmean(values) -> float:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return sum(finite) / len(finite) if finite else math.nan
+
+
+def _diffbulk_stage1_config(slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
+    return {
+        "slides": [{k: v for k, v in s.items() if v is not None} for s in slides],
+        "validation": list(validation),
+        "out": out,
+        **{k: v for k, v in settings.items() if not (k == "taef2" and not str(v).strip())},
+    }
+
+
+def _stage1_setting(name: str, label: str, **options) -> Setting:
+    """A DiffBulk stage-1 setting whose default is `DiffBulkStage1Config`'s (its module imports no torch)."""
+    config_class = import_object("napari_genemap.train.diffbulk:DiffBulkStage1Config")
+    return Setting(name, label, defaults_of(config_class)[name], **options)
+
+
+register_stage(
+    TrainingStage(
+        command="diffbulk-stage1",
+        label="DiffBulk stage 1 (diffusion)",
+        description="a diffusion model that draws H&E tiles given their expression (DiffBulk's first stage)",
+        settings=(
+            _stage1_setting("steps", "steps", minimum=1, maximum=10**7, tip="optimiser steps in the whole run"),
+            _stage1_setting("batch_size", "batch", minimum=1, maximum=4096, tip="tiles per step"),
+            _stage1_setting("lr", "learning rate", minimum=0.0, maximum=1.0),
+            _stage1_setting("tile_um", "tile (µm)", minimum=8.0, maximum=2000.0, tip="tile side, centred on spots"),
+            _stage1_setting(
+                "preset",
+                "size",
+                choices=import_object("napari_genemap.train.diffbulk:PRESET_NAMES"),
+                tip="cpu-small: TAEF2 latents, 16 M parameters; paper: pixel space, 122 M (a GPU setting)",
+            ),
+            _stage1_setting(
+                "taef2", "TAEF2 folder", tip="folder with taef2_encoder.pth and taef2_decoder.pth; empty: pixels"
+            ),
+            _stage1_setting("p_drop", "drop condition", minimum=0.0, maximum=1.0, tip="per-sample probability"),
+            _stage1_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
+            _stage1_setting("preview_every", "preview every", minimum=0, maximum=10**7, tip="0: no generated grids"),
+            _stage1_setting("guidance", "guidance", minimum=0.0, maximum=20.0, tip="classifier-free, for previews"),
+            _stage1_setting("device", "device", choices=DEVICES),
+            _stage1_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
+        ),
+        build=_diffbulk_stage1_config,
+        run="napari_genemap.train.diffbulk:train_diffbulk_stage1",
+        config_class="napari_genemap.train.diffbulk:DiffBulkStage1Config",
+        model_class="DiffBulkStage1",  # not in models.registry: a stage-1 checkpoint draws tiles, predicts no maps
+    )
+)
