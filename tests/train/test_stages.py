@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from napari_genemap.data.protocols import Protocol
+from napari_genemap.errors import GenemapInputError
 from napari_genemap.models import registry
 from napari_genemap.models.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from napari_genemap.train import stages
@@ -120,7 +121,7 @@ def test_a_registered_stage_is_a_genemap_train_choice_and_runs(tiny_registered, 
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
-    assert "{pixnet,tiny}" in capsys.readouterr().out
+    assert "{pixnet,diffbulk-stage1,tiny}" in capsys.readouterr().out
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"out": str(tmp_path / "ckpt"), "steps": 2, "genes": 3}))
     assert main(["train", "tiny", "--config", str(config), "--jsonl"]) == 0
@@ -174,8 +175,27 @@ def test_a_registered_stage_is_offered_in_the_training_panel(tiny_registered, ma
     widget = TrainingWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Training")
     labels = [widget.stage_box.itemText(i) for i in range(widget.stage_box.count())]
-    assert labels == ["PixNet", "Tiny"]
-    widget.stage_box.setCurrentIndex(1)
+    assert labels == ["PixNet", "DiffBulk stage 1 (diffusion)", "Tiny"]
+    widget.stage_box.setCurrentIndex(labels.index("Tiny"))
     assert widget.stage is TINY and widget.settings() == {"steps": 3, "genes": 2}
     slides = [{"path": str(sample_root()), "section": SECTION}]
     assert widget.stage.config(slides, [], widget.settings(), "/tmp/x") == {"out": "/tmp/x", "steps": 3, "genes": 2}
+
+
+def test_each_stage_reads_its_own_checkpoints_to_resume(tmp_path):
+    """A stage-1 run keeps its checkpoint in ``out/checkpoint`` in its own format; the panel finds its step
+    (torch-free) to resume it, and never offers it to Slide & model as a gene-map model."""
+    from napari_genemap.models.diffbulk_format import CHECKPOINT_DIR, FORMAT
+
+    stage1 = stages.stage_named("diffbulk-stage1")
+    assert stages.PIXNET.makes_gene_maps and not stage1.makes_gene_maps
+    run = tmp_path / "run"
+    (run / CHECKPOINT_DIR).mkdir(parents=True)
+    (run / CHECKPOINT_DIR / "model.safetensors").write_bytes(b"")
+    config = {"format": FORMAT, "format_version": 1, "gene_encoder": {}, "edm": {}, "latent": {}}
+    (run / CHECKPOINT_DIR / "config.json").write_text(json.dumps({**config, "metrics": {"step": 40}}))
+    assert stages.check_output(run, 100, resume=True, read=stage1.read_checkpoint) == 40
+    with pytest.raises(GenemapInputError, match="holds a checkpoint already"):
+        stages.check_output(run, 100, read=stage1.read_checkpoint)
+    with pytest.raises(GenemapInputError, match="field 'format'"):  # PixNet's reader refuses it in one line
+        stages.check_output(run / CHECKPOINT_DIR, 100, resume=True)

@@ -63,6 +63,15 @@ class TrainingStage:
     config_class: str  # the config dataclass with from_file, e.g. "napari_genemap.train.config:TrainConfig"
     model_class: str  # the registered model class its checkpoints hold (`napari_genemap.models.registry`)
     description: str = ""
+    #: reads a checkpoint's config (torch-free, one-line errors); its ``metrics.step`` is where a run resumes
+    read_checkpoint: str = "napari_genemap.models.checkpoint:read_checkpoint_config"
+
+    @property
+    def makes_gene_maps(self) -> bool:
+        """Whether its checkpoints are gene-map models (offered to Slide & model; not stage 1's)."""
+        from ..models.registry import MODELS
+
+        return self.model_class in MODELS
 
     def defaults(self) -> dict:
         return {s.name: s.default for s in self.settings}
@@ -221,35 +230,35 @@ def write_config(config: dict, folder: str | os.PathLike, name: str = "train") -
     return path
 
 
-def checkpoint_step(folder: str | os.PathLike) -> int | None:
-    """The step a checkpoint folder was saved at (None when there is none or it says none)."""
-    from ..models.checkpoint import read_checkpoint_config
-
+def checkpoint_step(folder: str | os.PathLike, read: str = TrainingStage.read_checkpoint) -> int | None:
+    """The step a checkpoint folder was saved at (None when there is none or it says none); ``read``: the
+    stage's `TrainingStage.read_checkpoint`."""
     try:
-        step = read_checkpoint_config(folder).get("metrics", {}).get("step")
+        step = import_object(read)(folder).get("metrics", {}).get("step")
     except GenemapInputError:
         return None
     return step if isinstance(step, int) else None
 
 
-def check_output(out: str | os.PathLike, steps: int, resume: bool = False) -> int:
+def check_output(
+    out: str | os.PathLike, steps: int, resume: bool = False, read: str = TrainingStage.read_checkpoint
+) -> int:
     """Check the run's output folder; returns the step the run starts after (0, or the checkpoint's).
 
     A new run needs a new or empty folder: saving replaces the folder, so a checkpoint or other files in
-    it would be lost. Resuming needs a checkpoint there that has steps left before ``steps``.
+    it would be lost. Resuming needs a checkpoint there that has steps left before ``steps``; ``read`` is
+    how the stage reads its checkpoints (`TrainingStage.read_checkpoint`).
     """
-    from ..models.checkpoint import read_checkpoint_config
-
     path = Path(out)
     if resume:
-        read_checkpoint_config(path)  # "no such checkpoint", "lacks model.safetensors", ...
-        step = checkpoint_step(path)
+        import_object(read)(path)  # "no such checkpoint", "lacks model.safetensors", ...
+        step = checkpoint_step(path, read)
         if step is None:
             raise GenemapInputError(f"{path}: checkpoint holds no step count; cannot resume it")
         if step >= steps:
             raise GenemapInputError(f"{path}: checkpoint is at step {step} of {steps}; raise 'steps' to train on")
         return step
-    if checkpoint_step(path) is not None:
+    if checkpoint_step(path, read) is not None:
         raise GenemapInputError(f"{path}: holds a checkpoint already; resume it, or choose another output folder")
     if path.is_file() or (path.is_dir() and any(path.iterdir())):
         raise GenemapInputError(f"{path}: exists and is not empty; choose a new or empty output folder")
@@ -362,5 +371,6 @@ register_stage(
         run="napari_genemap.train.diffbulk:train_diffbulk_stage1",
         config_class="napari_genemap.train.diffbulk:DiffBulkStage1Config",
         model_class="DiffBulkStage1",  # not in models.registry: a stage-1 checkpoint draws tiles, predicts no maps
+        read_checkpoint="napari_genemap.models.diffbulk_format:read_stage1_config",
     )
 )

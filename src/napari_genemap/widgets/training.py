@@ -277,7 +277,7 @@ class TrainingWidget(QWidget):
         stage = self.stage
         try:
             config = stage.config(self.slides, self.validation, self.settings(), self.out_edit.text())
-            first = check_output(config["out"], config["steps"], resume=resume)
+            first = check_output(config["out"], config["steps"], resume=resume, read=stage.read_checkpoint)
         except GenemapInputError as error:
             return self.show_error(str(error))
         self._config_dir = Path(tempfile.mkdtemp(prefix="genemap-train-"))
@@ -373,7 +373,8 @@ class TrainingWidget(QWidget):
             step = self.history.saved_steps[-1] if self.history.saved_steps else "?"
             verb = "cancelled" if done.get("cancelled") else "finished"
             self.show_message(f"{verb} at step {self.history.step}; checkpoint (step {step}): {checkpoint}")
-            session_for(self.viewer).checkpoint_offered.emit(str(checkpoint))
+            if self.stage.makes_gene_maps:  # a stage-1 diffusion model draws tiles; it predicts no maps
+                session_for(self.viewer).checkpoint_offered.emit(str(checkpoint))
         elif self._cancelled:
             self.show_message("cancelled before the first checkpoint was saved")
         else:
