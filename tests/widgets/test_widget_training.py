@@ -215,3 +215,50 @@ def test_a_run_that_fails_shows_its_last_error_line(make_napari_viewer, qtbot, t
     assert finished.args[0] is None and not widget.running
     assert widget.status.text().startswith("genemap: error: protocol 'hist2st': 785 of its 785 genes are missing")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.gui
+def test_diffbulk_stage1_runs_from_the_panel_with_its_losses_and_preview(
+    make_napari_viewer, qtbot, tmp_path, shared_data
+):
+    """Stage 1 from the panel: progress, the validation loss on the second axis, the generated grid shown;
+    cancelled, then resumed from its step; its checkpoint is never offered as a gene-map model."""
+    from napari_genemap.widgets.session import session_for
+    from napari_genemap.widgets.training import TrainingWidget
+
+    viewer = make_napari_viewer(show=True)
+    widget = TrainingWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Training")
+    offered = []
+    session_for(viewer).checkpoint_offered.connect(offered.append)
+    widget.stage_box.setCurrentText("DiffBulk stage 1 (diffusion)")
+    assert widget._axes[1].get_ylabel().startswith("validation loss")
+    assert widget.add_sample()
+    out = tmp_path / "stage1"
+    taef2 = shared_data.parent / "weights" / "taef2"  # its latents: validation and previews in seconds
+    settings = {"steps": 50, "batch_size": 2, "eval_every": 2, "preview_every": 2, "taef2": str(taef2)}
+    for name, value in {**settings, "device": "cpu"}.items():
+        widget.set_setting(name, value)
+    widget.out_edit.setText(str(out))
+    assert widget.start() and widget.running
+    qtbot.waitUntil(lambda: bool(widget.history.previews) and not widget.preview.isHidden(), timeout=240_000)
+    history = widget.history
+    assert history.validation and np.isfinite(history.validation).all() and min(history.validation) > 0
+    assert not widget.preview.pixmap().isNull() and widget.preview.toolTip() == history.previews[-1]
+    assert "validation loss" in widget.status.text()
+
+    with qtbot.waitSignal(widget.run_finished, timeout=120_000) as finished:
+        widget.cancel()
+    done = finished.args[0]
+    assert done["cancelled"] and done["checkpoint"]
+    saved = history.saved_steps[-1]
+    assert offered == []  # a diffusion model draws tiles; Slide & model takes gene-map models only
+    assert "cancelled" in widget.status.text() and widget.resume_button.isEnabled()
+
+    assert widget.resume()  # the panel reads stage 1's own checkpoint to find its step
+    qtbot.waitUntil(lambda: len(widget.history.steps) >= 1, timeout=120_000)
+    assert widget.history.steps[0] == saved + 1
+    with qtbot.waitSignal(widget.run_finished, timeout=120_000):
+        widget.cancel()
+    assert offered == []

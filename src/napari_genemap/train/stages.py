@@ -65,6 +65,8 @@ class TrainingStage:
     description: str = ""
     #: reads a checkpoint's config (torch-free, one-line errors); its ``metrics.step`` is where a run resumes
     read_checkpoint: str = "napari_genemap.models.checkpoint:read_checkpoint_config"
+    #: what the run's validation number is (the panel's second axis): higher is better for a PCC, not a loss
+    validation_label: str = "validation PCC"
 
     @property
     def makes_gene_maps(self) -> bool:
@@ -273,8 +275,9 @@ class TrainingHistory:
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     validation_steps: list[int] = field(default_factory=list)
-    validation: list[float] = field(default_factory=list)  # mean PCC over the validation slides
+    validation: list[float] = field(default_factory=list)  # mean PCC over the validation slides, or mean loss
     saved_steps: list[int] = field(default_factory=list)
+    previews: list[str] = field(default_factory=list)  # images a run wrote to show its progress (stage 1's grids)
     done: dict | None = None  # the "done" event: checkpoint, best_validation, steps, cancelled, seconds
     other: list[str] = field(default_factory=list)  # lines that were not progress events (kept for errors)
     _pending: str = ""
@@ -306,10 +309,13 @@ class TrainingHistory:
             self.total = int(event.get("total", self.total))
             self.steps.append(int(event["step"]))
             self.losses.append(float(event["loss"]))
-            scores = event.get("validation")
+            # PixNet: PCC per validation slide; DiffBulk stage 1: the validation loss per noise band
+            scores = event.get("validation") or event.get("validation_loss")
             if scores:
                 self.validation_steps.append(int(event["step"]))
                 self.validation.append(_nanmean(scores.values()))
+            if event.get("preview"):
+                self.previews.append(str(event["preview"]))
             if event.get("saved"):
                 self.saved_steps.append(int(event["step"]))
         elif event["event"] == "done":
@@ -372,5 +378,6 @@ register_stage(
         config_class="napari_genemap.train.diffbulk:DiffBulkStage1Config",
         model_class="DiffBulkStage1",  # not in models.registry: a stage-1 checkpoint draws tiles, predicts no maps
         read_checkpoint="napari_genemap.models.diffbulk_format:read_stage1_config",
+        validation_label="validation loss (mean of 4 noise bands)",
     )
 )

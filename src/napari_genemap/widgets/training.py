@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from qtpy.QtCore import QProcess, QTimer, Signal
+from qtpy.QtCore import QProcess, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -42,6 +42,7 @@ from ..train.stages import (
     TrainingStage,
     check_output,
     check_slides,
+    checkpoint_step,
     her2st_sections,
     write_config,
 )
@@ -111,7 +112,7 @@ class TrainingWidget(QWidget):
         self.start_button.clicked.connect(lambda: self.start())
         self.cancel_button.clicked.connect(self.cancel)
         self.resume_button.clicked.connect(lambda: self.resume())
-        self.stage_box.currentIndexChanged.connect(lambda _: self._build_settings())
+        self.stage_box.currentIndexChanged.connect(lambda _: (self._build_settings(), self._update_buttons()))
         self.out_edit.textChanged.connect(lambda _: self._update_buttons())
         self._redraw_timer = QTimer(self)  # curves redraw at most 4 times a second, however fast steps come
         self._redraw_timer.setSingleShot(True)
@@ -183,8 +184,14 @@ class TrainingWidget(QWidget):
         (self.validation_line,) = other.plot([], [], "o-", color="tab:orange", markersize=3)
         self._axes = (axes, other)
         layout.addWidget(self.canvas, 1)
+        self.preview = QLabel()  # the latest image a run wrote (stage 1: tiles generated for a spot's profile)
+        self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.preview.setVisible(False)
+        layout.addWidget(self.preview)
 
     def _build_settings(self) -> None:
+        self._axes[1].set_ylabel(self.stage.validation_label, fontsize=8, color="tab:orange")
+        self.canvas.draw_idle()
         while self.settings_form.rowCount():
             self.settings_form.removeRow(0)
         self._setting_widgets = {}
@@ -283,6 +290,9 @@ class TrainingWidget(QWidget):
         self._config_dir = Path(tempfile.mkdtemp(prefix="genemap-train-"))
         argv = stage.command_line(write_config(config, self._config_dir), config["out"] if resume else None)
         self.history = TrainingHistory(total=config["steps"])
+        self.preview.clear()
+        self.preview.setToolTip("")
+        self.preview.setVisible(False)
         self._stderr.clear()
         self._cancelled = False
         self.progress_bar.setRange(0, config["steps"])
@@ -339,13 +349,28 @@ class TrainingWidget(QWidget):
         self.progress_bar.setMaximum(history.total)
         self.progress_bar.setValue(history.step)
         if not self._cancelled:
-            validation = f"; validation PCC {history.validation[-1]:.3f}" if history.validation else ""
+            what = self.stage.validation_label.split(" (")[0]
+            validation = f"; {what} {history.validation[-1]:.3f}" if history.validation else ""
             saved = f"; checkpoint at step {history.saved_steps[-1]}" if history.saved_steps else ""
             self.show_message(
                 f"step {history.step} / {history.total}: loss {history.losses[-1]:.4f}{validation}{saved}"
             )
+        if history.previews and history.previews[-1] != self.preview.toolTip():
+            self._show_preview(history.previews[-1])
         if not self._redraw_timer.isActive():
             self._redraw_timer.start()
+
+    def _show_preview(self, path: str) -> None:
+        """Show a run's latest preview image, as wide as the panel allows (nothing if it cannot be read)."""
+        from qtpy.QtGui import QPixmap
+
+        image = QPixmap(path)
+        if image.isNull():
+            return
+        width = max(200, self.canvas.width())
+        self.preview.setPixmap(image.scaledToWidth(width, Qt.TransformationMode.SmoothTransformation))
+        self.preview.setToolTip(path)
+        self.preview.setVisible(True)
 
     def _redraw(self) -> None:
         history = self.history
@@ -415,7 +440,8 @@ class TrainingWidget(QWidget):
         if not running:
             self.cancel_button.setText("Cancel")
         out = self.out_edit.text().strip()
-        self.resume_button.setEnabled(not running and bool(out) and (Path(out).expanduser() / "config.json").is_file())
+        resumable = bool(out) and checkpoint_step(Path(out).expanduser(), self.stage.read_checkpoint) is not None
+        self.resume_button.setEnabled(not running and resumable)
 
     def _update_validation(self) -> None:
         current = self.validation_box.currentText()
