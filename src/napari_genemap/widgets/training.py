@@ -112,7 +112,7 @@ class TrainingWidget(QWidget):
         self.start_button.clicked.connect(lambda: self.start())
         self.cancel_button.clicked.connect(self.cancel)
         self.resume_button.clicked.connect(lambda: self.resume())
-        self.stage_box.currentIndexChanged.connect(lambda _: (self._build_settings(), self._update_buttons()))
+        self.stage_box.currentIndexChanged.connect(lambda _: self._stage_changed())
         self.out_edit.textChanged.connect(lambda _: self._update_buttons())
         self._redraw_timer = QTimer(self)  # curves redraw at most 4 times a second, however fast steps come
         self._redraw_timer.setSingleShot(True)
@@ -188,6 +188,10 @@ class TrainingWidget(QWidget):
         self.preview.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.preview.setVisible(False)
         layout.addWidget(self.preview)
+
+    def _stage_changed(self) -> None:
+        self._build_settings()
+        self._update_buttons()  # Resume: the output folder may hold this stage's checkpoint, not the last one's
 
     def _build_settings(self) -> None:
         self._axes[1].set_ylabel(self.stage.validation_label, fontsize=8, color="tab:orange")
