@@ -58,19 +58,7 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
         path = Path(path)
-        if not path.is_file():
-            raise GenemapInputError(f"{path}: no such training config")
-        try:
-            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
-            raise GenemapInputError(f"{path}: cannot parse ({error})") from None
-        config = cls.from_dict(data, source=str(path))
-        base = path.parent  # relative slide and output paths are relative to the config file
-        config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
-        config.out = os.path.normpath(base / config.out)
-        if config.resume:
-            config.resume = os.path.normpath(base / config.resume)
-        return config
+        return resolve_paths(cls.from_dict(read_config_file(path), source=str(path)), path.parent)
 
     def check(self, source: str = "config") -> None:
         if not self.slides or not all(isinstance(s, dict) and "path" in s for s in self.slides):
@@ -82,6 +70,26 @@ class TrainConfig:
         check_device_name(self.device, f"{source}: device")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
+
+
+def read_config_file(path: Path) -> dict:
+    """A training config file's content: TOML (``.toml``) or JSON; one line naming the file when it is not."""
+    if not path.is_file():
+        raise GenemapInputError(f"{path}: no such training config")
+    try:
+        return tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise GenemapInputError(f"{path}: cannot parse ({error})") from None
+
+
+def resolve_paths(config, base: Path, extra: tuple[str, ...] = ()):
+    """``config`` with its slide, output, resume (and ``extra``) paths made relative to ``base``, the config
+    file's folder (empty ones stay empty)."""
+    config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
+    for name in ("out", "resume", *extra):
+        if getattr(config, name):
+            setattr(config, name, os.path.normpath(base / getattr(config, name)))
+    return config
 
 
 def slide_name(spec: dict) -> str:

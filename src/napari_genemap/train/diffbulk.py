@@ -31,12 +31,10 @@ latents falls back to pixel space at ``pixel_fallback`` px.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -46,7 +44,7 @@ import numpy as np
 
 from ..device import check_device_name
 from ..errors import GenemapInputError
-from .config import slide_name
+from .config import read_config_file, resolve_paths, slide_name
 
 if TYPE_CHECKING:
     from ..data.protocols import Protocol
@@ -127,21 +125,8 @@ class DiffBulkStage1Config:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> DiffBulkStage1Config:
         path = Path(path)
-        if not path.is_file():
-            raise GenemapInputError(f"{path}: no such training config")
-        try:
-            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise GenemapInputError(f"{path}: cannot parse ({error})") from None
-        config = cls.from_dict(data, source=str(path))
-        base = path.parent  # relative paths are relative to the config file
-        config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
-        config.out = os.path.normpath(base / config.out)
-        if config.resume:
-            config.resume = os.path.normpath(base / config.resume)
-        if config.taef2:
-            config.taef2 = os.path.normpath(base / config.taef2)
-        return config
+        config = cls.from_dict(read_config_file(path), source=str(path))
+        return resolve_paths(config, path.parent, extra=("taef2",))
 
     def check(self, source: str = "config") -> None:
         def refuse(name: str, expected: str) -> GenemapInputError:
