@@ -158,6 +158,68 @@ def cmd_train(args) -> int:
     return 0 if summary["checkpoint"] else 1
 
 
+def cmd_generate(args) -> int:
+    """Draw tiles from a DiffBulk stage-1 model for a profile (a CSV, or a measured spot's tile)."""
+    if (args.profile is None) == (args.spot is None):
+        raise GenemapInputError("give the expression with one of --profile PROFILE.csv or --spot SLIDE:SPOT")
+    if args.n < 1 or args.steps < 1 or args.guidance < 0:
+        raise GenemapInputError("--n and --steps must be at least 1 and --guidance at least 0")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise GenemapInputError(f"--out {out}: expected a file name ending in .png")
+    if out.exists() and not args.overwrite:
+        raise GenemapInputError(f"{out}: exists; pass --overwrite to replace it")
+    check_output_place(out, "the image grid")
+    from .models.diffbulk_format import read_stage1_config
+
+    config = read_stage1_config(args.checkpoint)  # one-line errors before torch is imported
+    import torch
+    from PIL import Image
+
+    from .device import resolve_device
+    from .io.atomic import atomic_file
+    from .models.diffbulk import load_stage1
+    from .models.generate import decoder_for, draw, read_profile, spot_profile, tile_grid
+
+    device = resolve_device(args.device)
+    stage1 = load_stage1(args.checkpoint, device)
+    model = stage1.model
+    used = config.get("provenance", {}).get("taef2") or {}
+    decode = decoder_for(model, args.taef2 or used.get("folder"), device)
+    real = []
+    if args.spot is not None:
+        slide, _, spot = args.spot.rpartition(":")
+        if not slide or not spot:
+            raise GenemapInputError(f"--spot {args.spot!r}: expected SLIDE:SPOT, e.g. her2st:10x12 with --section")
+        tile = config.get("tile", {})
+        genes, values, image = spot_profile(
+            slide, spot, float(tile.get("tile_um", 0) or 0), config.get("protocol", {}), model.tile_px, args.section
+        )
+        real = [image]
+        label = f"spot {spot} of {slide}"
+    else:
+        genes, values = read_profile(args.profile)
+        label = f"profile {args.profile}"
+    known = set(model.gene_encoder.genes)
+    kept = [i for i, gene in enumerate(genes) if gene in known]
+    if not kept:
+        raise GenemapInputError(f"{label}: none of its {len(genes)} genes is in the model's vocabulary")
+    panel = ([genes[i] for i in kept], values[kept])
+    with torch.no_grad():
+        condition = model.condition([panel])
+    drawn, free = draw(
+        model, decode, condition, args.n, steps=args.steps, guidance=args.guidance, seed=args.seed, device=device
+    )
+    grid = tile_grid([*real, *drawn], list(free), offset=len(real))
+    with atomic_file(out) as temporary:
+        Image.fromarray(grid).save(temporary, format="PNG")
+    print(
+        f"{out}: {args.n} tiles drawn for {label} ({len(kept)} of its {len(genes)} genes known; guidance "
+        f"{args.guidance:g}, Heun {args.steps} steps, seed {args.seed}) above {args.n} unconditioned, same noise"
+    )
+    return 0
+
+
 def cmd_predict(args) -> int:
     from tqdm import tqdm
 
@@ -398,7 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--genes", help="comma-separated genes to write (default: all the model's genes)")
     predict.add_argument("--scheduler", help="address of a running dask.distributed scheduler")
     predict.add_argument("--cache", help="tile cache folder (default: OUT.cache beside the output)")
-    predict.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile side in model pixels (multiple of 32)")
+    predict.add_argument(
+        "--tile",
+        type=int,
+        default=DEFAULT_TILE,
+        help="tile side in model pixels (a multiple of 32, or of a DiffBulk model's feature tile)",
+    )
     predict.add_argument("--halo", type=int, default=DEFAULT_HALO, help="context around each tile, model pixels")
     predict.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
     predict.add_argument(
@@ -423,6 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--h5ad", help="also write the AnnData (raw integrals in layers['integral'])")
     aggregate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     aggregate.set_defaults(run=cmd_aggregate)
+
+    generate = sub.add_parser("generate", help="draw H&E tiles from a DiffBulk stage-1 model for an expression profile")
+    generate.add_argument("checkpoint", help="a DiffBulk stage-1 run folder (or its checkpoint/)")
+    generate.add_argument("--profile", help="CSV with columns gene, value (the checkpoint's protocol scale)")
+    generate.add_argument("--spot", help="SLIDE:SPOT, a measured spot whose tile's counts are the profile")
+    generate.add_argument("--out", required=True, help="the PNG grid: drawn for the profile above, unconditioned below")
+    generate.add_argument("--n", type=int, default=8, help="tiles per row")
+    generate.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight (0: none)")
+    generate.add_argument("--steps", type=int, default=32, help="Heun sampling steps")
+    generate.add_argument("--seed", type=int, default=0, help="the noise both rows start from")
+    generate.add_argument("--taef2", help="TAEF2 weights folder (default: the one stage 1 was trained with)")
+    generate.add_argument("--section", help="section name, for a HER2ST folder given with --spot")
+    generate.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
+    generate.add_argument("--overwrite", action="store_true")
+    generate.set_defaults(run=cmd_generate)
 
     demo = sub.add_parser("demo", help="run the main job on the bundled sample")
     demo.add_argument("--out", default="demo_output", help="output folder")

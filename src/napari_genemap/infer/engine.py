@@ -197,9 +197,11 @@ class TileEngine:
         levels, scales = image_levels(sdata)
         self.slide_mpp = slide_mpp(sdata)
         factor = model.mpp / self.slide_mpp
-        self.grid = TileGrid(self.reader.height, self.reader.width, model.stride, tile, halo, factor)
+        self.grid = TileGrid(
+            self.reader.height, self.reader.width, model.stride, tile, halo, factor, model.input_multiple
+        )
         kind = device_type(device)
-        self.backend = resolve_backend(backend, kind, exportable=bool(model.digest))
+        self.backend = resolve_backend(backend, kind, exportable=bool(model.digest) and model.exportable)
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
         value["backend"] = self.backend if runner_factory is None else f"custom-{id(runner_factory)}"
         self.batch_size = batch_size or (4 if kind == "cuda" else 1)

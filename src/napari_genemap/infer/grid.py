@@ -38,14 +38,17 @@ class TileGrid:
     tile: int = DEFAULT_TILE  # tile side, model pixels
     halo: int = DEFAULT_HALO  # extra context on each side, model pixels
     factor: float = 1.0  # slide pixels per model pixel (model_mpp / slide_mpp)
+    alignment: int = ALIGNMENT  # the model's input multiple: tiles and halos keep windows on its lattice
 
     def __post_init__(self):
         if self.height < 1 or self.width < 1:
             raise GenemapInputError(f"tile grid: slide of {self.height} x {self.width} model pixels is empty")
-        if self.tile < ALIGNMENT or self.tile % ALIGNMENT or self.tile % self.stride:
-            raise GenemapInputError(f"tile {self.tile}: expected a positive multiple of {ALIGNMENT} and of the stride")
-        if self.halo < 0 or self.halo % ALIGNMENT:
-            raise GenemapInputError(f"halo {self.halo}: expected a non-negative multiple of {ALIGNMENT}")
+        if self.tile < self.alignment or self.tile % self.alignment or self.tile % self.stride:
+            raise GenemapInputError(
+                f"tile {self.tile}: expected a positive multiple of {self.alignment} and of the stride"
+            )
+        if self.halo < 0 or self.halo % self.alignment:
+            raise GenemapInputError(f"halo {self.halo}: expected a non-negative multiple of {self.alignment}")
 
     @classmethod
     def for_slide(

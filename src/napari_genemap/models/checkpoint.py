@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 from ..data.protocols import Protocol
 from ..errors import GenemapInputError
 from ..io.atomic import atomic_dir
-from .registry import DEFAULT_MODEL, INPUT_MULTIPLE, MODELS, ModelConfig, model_class, model_name
+from .registry import DEFAULT_MODEL, EXPORTABLE, INPUT_MULTIPLE, MODELS, ModelConfig, model_class, model_name
 
 if TYPE_CHECKING:  # torch is imported where weights are touched, so reading a config stays light (napari)
     import torch
@@ -53,6 +53,7 @@ class GeneMapModel:
         digest: str = "",
         stride: int | None = None,
         build: Callable[[], nn.Module] | None = None,
+        model_class: str = DEFAULT_MODEL,
     ):
         """``model``, or ``build`` (made on first use) with the ``stride`` it will have."""
         if model is None and (build is None or stride is None):
@@ -64,6 +65,7 @@ class GeneMapModel:
         self.provenance = provenance or {}
         self.metrics = metrics or {}
         self.digest = digest  # sha256 of the weights file: identifies the checkpoint in caches
+        self.model_class = model_class  # its name in `registry.MODELS`
         self._model, self._build, self._stride = model, build, stride
         self._lock = threading.Lock()
 
@@ -90,6 +92,19 @@ class GeneMapModel:
             return cast(int, self._stride)
         # every registered model class has an int ``stride``; nn.Module's attribute typing cannot say so
         return cast(int, self._model.stride)
+
+    @property
+    def input_multiple(self) -> int:
+        """Input sides (and the tile engine's tiles and halos) are multiples of this (32 for PixNet, which
+        is the one class opened lazily)."""
+        if self._model is None:
+            return INPUT_MULTIPLE
+        return int(getattr(self._model, "input_multiple", INPUT_MULTIPLE))
+
+    @property
+    def exportable(self) -> bool:
+        """Whether the tile engine exports it to ONNX / OpenVINO by default (`registry.EXPORTABLE`)."""
+        return self.model_class in EXPORTABLE
 
     def __repr__(self) -> str:
         return f"GeneMapModel({len(self.genes)} genes, {self.mpp} µm/px, stride {self.stride}, path={self.path})"
@@ -293,7 +308,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     protocol = _check_protocol(config["protocol"], config["genes"], config_path)
     weights_path = folder / WEIGHTS_FILE
     stride = config["architecture"].get("stride")
-    lazy = lazy and isinstance(stride, int) and not isinstance(stride, bool) and stride > 0
+    name = config.get("model_class", DEFAULT_MODEL)
+    # lazily only PixNet, whose stride and input multiple its config says without building it
+    lazy = lazy and name == DEFAULT_MODEL and isinstance(stride, int) and not isinstance(stride, bool) and stride > 0
     model = None if lazy else _build_model(folder, config, device)
     return GeneMapModel(
         model,
@@ -306,6 +323,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         digest=hashlib.sha256(weights_path.read_bytes()).hexdigest(),
         stride=stride if lazy else None,
         build=(lambda: _build_model(folder, config, device)) if lazy else None,
+        model_class=name,
     )
 
 

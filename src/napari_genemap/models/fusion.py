@@ -27,7 +27,8 @@ FEATURE_SIGMA = 0.01  # the noise level the frozen U-Net sees its (clean) input 
 class DiffusionFeatures(nn.Module):
     """The frozen stage-1 denoiser as a feature extractor: latents (B, C, H, W) -> one map per decoder stage.
 
-    The noise is drawn from a generator seeded by ``seed``, so the same input gives the same features."""
+    The noise is drawn from a generator seeded by ``seed`` (the same draw for every tile of a batch), so the
+    same tile gives the same features whatever batch it comes in."""
 
     def __init__(self, denoiser: nn.Module, sigma: float = FEATURE_SIGMA):
         super().__init__()
@@ -49,7 +50,9 @@ class DiffusionFeatures(nn.Module):
     @torch.no_grad()
     def forward(self, latents: torch.Tensor, seed: int = 0) -> list[torch.Tensor]:
         generator = torch.Generator(device=latents.device).manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        # one noise draw shared by every tile of the batch: a tile's features never depend on its position in
+        # a batch or on its neighbours (the dense model's tiles then agree wherever a window puts them)
+        noise = torch.randn((1, *latents.shape[1:]), generator=generator, device=latents.device, dtype=latents.dtype)
         self._maps = []
         self.denoiser(latents + self.sigma * noise, self.sigma)
         maps, self._maps = self._maps, []

@@ -203,6 +203,16 @@ class PixNet(nn.Module):
         a window's centre (the rest is halo, context for the decoder); the head and softplus act per pixel,
         so skipping them on the halo changes no kept value and saves most of their cost (785 genes at
         448 x 448 px for a 1792 px window, of which 256 x 256 are kept)."""
+        return F.softplus(self.head(self.features(image, margin)))
+
+    @property
+    def feature_channels(self) -> int:
+        """Channels of `features`' map (what the gene head reads)."""
+        return DECODER_WIDTHS[len(self.stages)]
+
+    def features(self, image: torch.Tensor, margin: int = 0) -> torch.Tensor:
+        """The decoder's last map (batch, `feature_channels`, H/s, W/s), before the gene head: what DiffBulk's
+        stage 2 takes as the pathology feature p."""
         height, width = image.shape[-2:]
         if height % self.input_multiple or width % self.input_multiple:
             raise GenemapInputError(
@@ -214,16 +224,21 @@ class PixNet(nn.Module):
             x = stage(x, features[-2 - index])
         if margin:
             x = x[..., margin : x.shape[-2] - margin, margin : x.shape[-1] - margin]
-        return F.softplus(self.head(x))
+        return x
 
-    @torch.no_grad()
     def set_output_scale(self, density: torch.Tensor) -> None:
-        """Start the head at a per-gene density (expression per output pixel), e.g. the training mean.
+        """Start the head at a per-gene density (expression per output pixel), e.g. the training mean."""
+        set_output_scale(self.head, density)
 
-        The protocol loss cannot see the map's absolute scale, so starting near it saves many steps.
-        """
-        bias = self.head.bias
-        assert bias is not None  # the head is built with a bias
-        density = torch.as_tensor(density, dtype=bias.dtype).clamp(min=1e-6)
-        bias.copy_(density + torch.log(-torch.expm1(-density)))  # softplus^-1
-        self.head.weight.mul_(0.1)
+
+@torch.no_grad()
+def set_output_scale(head: nn.Conv2d, density: torch.Tensor) -> None:
+    """Start a gene head (softplus after it) at a per-gene density (expression per output pixel).
+
+    The protocol loss cannot see the map's absolute scale, so starting near it saves many steps.
+    """
+    bias = head.bias
+    assert bias is not None  # gene heads are built with a bias
+    density = torch.as_tensor(density, dtype=bias.dtype).clamp(min=1e-6)
+    bias.copy_(density + torch.log(-torch.expm1(-density)))  # softplus^-1
+    head.weight.mul_(0.1)

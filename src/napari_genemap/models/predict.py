@@ -33,12 +33,14 @@ def to_input(pixels: np.ndarray, device: str | torch.device | None = None) -> to
 def predict_map(model, image: np.ndarray) -> np.ndarray:
     """Density (genes, ceil(H/32)*32/stride, ...) of an (H, W, 3) uint8 image at the model's µm/px.
 
-    The image is padded by reflection to a multiple of 32 px at the bottom and right; the map covers the
-    padded image, so map pixel (i, j) still covers image pixels [j*s, (j+1)*s) x [i*s, (i+1)*s).
+    The image is padded by reflection to a multiple of the model's input multiple (32 px for PixNet) at the
+    bottom and right; the map covers the padded image, so map pixel (i, j) still covers image pixels
+    [j*s, (j+1)*s) x [i*s, (i+1)*s).
     """
     model.eval()
     height, width = image.shape[:2]
-    pad_y, pad_x = -height % INPUT_MULTIPLE, -width % INPUT_MULTIPLE
+    multiple = getattr(model, "input_multiple", INPUT_MULTIPLE)
+    pad_y, pad_x = -height % multiple, -width % multiple
     if pad_y or pad_x:
         image = np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
     device = next(model.parameters()).device

@@ -3,7 +3,8 @@
 A checkpoint's ``config.json`` records its ``model_class`` (a name here); `load_checkpoint` imports the class
 only when it builds one. A registered class provides ``config_class`` (with ``from_dict``, ``to_dict`` and
 ``n_genes``), ``from_config(config)`` (random weights, nothing downloaded: the checkpoint brings them), its
-``config``, ``stride``, a ``head`` layer with one output per gene, and ``forward(image, margin=0)``
+``config``, ``stride``, a ``head`` layer with one output per gene, ``forward(image, margin=0)`` and, when its
+input sides must be multiples of more than `INPUT_MULTIPLE`, ``input_multiple``
 (``margin``: output pixels to drop on each side, for the tile engine's halo). Register another with `register_model`.
 """
 
@@ -18,7 +19,13 @@ INPUT_MULTIPLE = 32  # a model's input sides are multiples of this: PixNet's dee
 
 DEFAULT_MODEL = "PixNet"  # what a checkpoint without "model_class" holds (those saved before the key)
 
-MODELS: dict[str, str] = {"PixNet": "napari_genemap.models.pixnet:PixNet"}
+MODELS: dict[str, str] = {
+    "PixNet": "napari_genemap.models.pixnet:PixNet",
+    "DiffBulkDense": "napari_genemap.models.diffbulk_dense:DiffBulkDense",
+}
+#: The classes whose graph `infer.backends` exports to ONNX / OpenVINO by default (measured: PixNet); the
+#: others run in torch unless a backend is asked for by name.
+EXPORTABLE = {"PixNet"}
 
 
 class ModelConfig(Protocol):

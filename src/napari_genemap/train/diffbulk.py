@@ -640,29 +640,25 @@ def _write_preview(model, taef2, preview, rows, config, folder: Path, step: int,
     from PIL import Image
 
     from ..io.atomic import atomic_file
+    from ..models.generate import draw, tile_grid, to_rgb
 
     label, stored, values = preview
-    model.eval()
-    n = config.preview_n
-    shape = (n, model.edm_config.in_channels, model.edm_config.sample_size, model.edm_config.sample_size)
-    generator = torch.Generator().manual_seed(PREVIEW_SEED)
-    noise = torch.randn(shape, generator=generator).to(device)
+    decode = taef2.decode if taef2 is not None else (lambda tiles: tiles.clamp(0, 1))
     with torch.no_grad():
-        condition = model.gene_encoder(
-            torch.from_numpy(values[None]).to(device), torch.as_tensor(rows[None]).to(device)
-        ).expand(n, -1)
-        drawn = model.generate(noise, condition, steps=config.preview_steps, guidance=config.guidance or None)
-        free = model.generate(noise, None, steps=config.preview_steps)
-        real = torch.from_numpy(stored[None].astype(np.float32)).to(device)
-        stored_all = torch.cat([real, drawn, free])
-        rgb = taef2.decode(stored_all) if taef2 is not None else stored_all.clamp(0, 1)
-    tiles = (rgb.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    side, gap = tiles.shape[1], 4
-    grid = np.full((2 * side + gap, (n + 1) * side + n * gap, 3), 255, np.uint8)
-    for column, image in enumerate([tiles[0], *tiles[1 : n + 1]]):
-        grid[:side, column * (side + gap) : column * (side + gap) + side] = image
-    for column, image in enumerate(tiles[n + 1 :], start=1):
-        grid[side + gap :, column * (side + gap) : column * (side + gap) + side] = image
+        values_row, rows_row = torch.from_numpy(values[None]).to(device), torch.as_tensor(rows[None]).to(device)
+        condition = model.gene_encoder(values_row, rows_row)
+    drawn, free = draw(
+        model,
+        decode,
+        condition,
+        config.preview_n,
+        steps=config.preview_steps,
+        guidance=config.guidance,
+        seed=PREVIEW_SEED,
+        device=device,
+    )
+    real = to_rgb(torch.from_numpy(stored[None].astype(np.float32)).to(device), decode)
+    grid = tile_grid([real[0], *drawn], list(free), offset=1)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.png"
     with atomic_file(path) as temporary:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from typing import cast
 
 import numpy as np
 import torch
@@ -51,7 +52,9 @@ def load_slides(config: TrainConfig, protocol: Protocol | None = None) -> tuple[
     return {name: load_training_slide(s, protocol, config.mpp, name) for name, s in sdatas.items()}, protocol
 
 
-def evaluate_slides(model: PixNet, slides: list[TrainingSlide], protocol: Protocol, window: int) -> dict[str, float]:
+def evaluate_slides(
+    model: torch.nn.Module, slides: list[TrainingSlide], protocol: Protocol, window: int
+) -> dict[str, float]:
     """Mean Pearson per slide (protocol values, undefined genes omitted) from spot-centred windows."""
     scores = {}
     for slide in slides:
@@ -75,8 +78,13 @@ def train_pixnet(
     progress: Progress | None = None,
     on_metrics: Callable[[dict], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    model: torch.nn.Module | None = None,
 ) -> dict:
     """Train, validate every ``eval_every`` steps, keep the best checkpoint; returns a summary.
+
+    ``model``: a gene-map model to train in place of a new PixNet (DiffBulk's stage 2 builds its own); its
+    ``encoder`` is the pretrained part that moves ``encoder_lr_factor`` slower, and parameters that do not
+    require gradients (a frozen part) are left out of the optimiser.
 
     ``slides`` and ``protocol`` may be given pre-loaded together (the benchmark reuses them across folds).
     Cancelling stops after the current step; the checkpoint on disk is then the best one so far.
@@ -106,15 +114,18 @@ def train_pixnet(
         raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
     if resumed is not None:
         model = resumed[0].model.to(device)
+    elif model is not None:
+        model = model.to(device)
     else:
         model_config = PixNetConfig(
             n_genes=protocol.n_genes, encoder=EncoderConfig(config.encoder, config.weights), stride=config.stride
         )
         model = PixNet(model_config).to(device)
         model.set_output_scale(mean_density(train_slides, config.stride))
-    encoder_params = list(model.encoder.parameters())
+    pretrained = cast(torch.nn.Module, model.encoder)  # PixNet's encoder, or what a given model calls its own
+    encoder_params = [p for p in pretrained.parameters() if p.requires_grad]
     encoder_ids = {id(p) for p in encoder_params}
-    decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids]
+    decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
     optimiser = torch.optim.AdamW(
         [
             {"params": encoder_params, "lr": config.lr * config.encoder_lr_factor},

@@ -381,3 +381,61 @@ register_stage(
         validation_label="validation loss (mean of 4 noise bands)",
     )
 )
+
+
+def _diffbulk_stage2_config(slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
+    from ..models.diffbulk_format import read_stage1_config
+
+    stage1 = str(settings.get("stage1", "")).strip()
+    if not stage1:
+        raise GenemapInputError("stage 1 run: choose the folder of a trained DiffBulk stage 1")
+    read_stage1_config(os.path.expanduser(stage1))  # "no such checkpoint", ... before a process starts
+    config = _pixnet_config(slides, validation, settings, out)
+    for name in ("stage1", "pathology", "taef2"):
+        value = str(config.get(name, "")).strip()
+        if value:
+            config[name] = os.path.abspath(os.path.expanduser(value))
+        else:
+            config.pop(name, None)
+    return config
+
+
+def _stage2_setting(name: str, label: str, **options) -> Setting:
+    """A DiffBulk stage-2 setting whose default is `DiffBulkStage2Config`'s (its module imports no torch)."""
+    config_class = import_object("napari_genemap.train.diffbulk_stage2:DiffBulkStage2Config")
+    return Setting(name, label, defaults_of(config_class)[name], **options)
+
+
+register_stage(
+    TrainingStage(
+        command="diffbulk-stage2",
+        label="DiffBulk stage 2 (fusion)",
+        description="dense gene maps from a PixNet's features fused with a frozen stage-1 U-Net's",
+        settings=(
+            _stage2_setting("stage1", "stage 1 run", tip="folder of a trained DiffBulk stage 1 (frozen here)"),
+            _stage2_setting(
+                "pathology", "PixNet start", tip="a PixNet checkpoint folder for p; empty: ImageNet + a new decoder"
+            ),
+            _stage2_setting("taef2", "TAEF2 folder", tip="empty: the folder stage 1 was trained with"),
+            _stage2_setting(
+                "features",
+                "features",
+                choices=import_object("napari_genemap.train.diffbulk_stage2:FEATURE_CHOICES"),
+                tip="both: p fused with f; pathology: p alone (the control); diffusion: f alone",
+            ),
+            _stage2_setting("steps", "steps", minimum=1, maximum=10**7, tip="optimiser steps in the whole schedule"),
+            _stage2_setting("batch", "batch", minimum=1, maximum=4096, tip="windows per step"),
+            _stage2_setting(
+                "window", "window (px)", minimum=INPUT_MULTIPLE, maximum=4096, tip="a multiple of stage 1's tile"
+            ),
+            _stage2_setting("lr", "learning rate", minimum=0.0, maximum=1.0),
+            _stage2_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
+            _stage2_setting("device", "device", choices=DEVICES),
+            _stage2_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
+        ),
+        build=_diffbulk_stage2_config,
+        run="napari_genemap.train.diffbulk_stage2:train_diffbulk_stage2",
+        config_class="napari_genemap.train.diffbulk_stage2:DiffBulkStage2Config",
+        model_class="DiffBulkDense",
+    )
+)

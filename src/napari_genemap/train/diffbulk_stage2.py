@@ -1,0 +1,170 @@
+"""DiffBulk stage 2, dense: fuse a frozen stage-1 U-Net's features with a PixNet's and train on measured spots.
+
+``genemap train diffbulk-stage2 --config run.toml`` calls `train_diffbulk_stage2`. The model is
+`models.diffbulk_dense.DiffBulkDense`: p starts from the PixNet checkpoint named by ``pathology`` (its
+encoder and decoder, fine-tuned ``encoder_lr_factor`` slower) and the gene head from that PixNet's head; f
+comes from the stage-1 checkpoint named by ``stage1`` (frozen) on tiles of stage 1's size. It is then trained
+exactly like PixNet (`train.pixnet.train_pixnet`: the same windows, spot integrals, loss, validation and
+checkpoint selection), so "does f add to p" is one switch, ``features``: "both", "pathology" (p alone,
+trained the same way: the control) or "diffusion" (f alone).
+
+The checkpoint holds everything a prediction needs (PixNet trunk, stage-1 U-Net, TAEF2's encoder, fusion,
+head) and is a gene-map model like PixNet's: `genemap predict`, the tile engine and the viewer use it as is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from ..errors import GenemapInputError
+from .config import TrainConfig, read_config_file, resolve_paths
+
+Progress = Callable[[int, int, str], None]
+FEATURE_CHOICES = ("both", "pathology", "diffusion")  # models.diffbulk_dense's, here without torch
+
+
+@dataclass
+class DiffBulkStage2Config(TrainConfig):
+    """PixNet's training settings plus where the two frozen/pretrained parts come from."""
+
+    stage1: str = ""  # a stage-1 run folder (or its checkpoint/)
+    pathology: str = ""  # a PixNet checkpoint folder: p's start and the protocol; "" = ImageNet + a new decoder
+    taef2: str = ""  # TAEF2's weights folder when stage 1 works in its latents; "" = the folder stage 1 used
+    features: str = "both"  # "both", "pathology" (p only) or "diffusion" (f only)
+    feature_width: int = 32  # channels per U-Net decoder stage after reduction
+    steps: int = 300
+    lr: float = 2e-4
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> DiffBulkStage2Config:
+        path = Path(path)
+        config = cls.from_dict(read_config_file(path), source=str(path))
+        return resolve_paths(config, path.parent, extra=("stage1", "pathology", "taef2"))
+
+    def check(self, source: str = "config") -> None:
+        super().check(source)
+        if not str(self.stage1).strip():
+            raise GenemapInputError(f"{source}: field 'stage1' is missing; name a DiffBulk stage-1 run folder")
+        if self.features not in FEATURE_CHOICES:
+            raise GenemapInputError(
+                f"{source}: field 'features' is {self.features!r}; expected one of {', '.join(FEATURE_CHOICES)}"
+            )
+        if self.feature_width < 8:
+            raise GenemapInputError(f"{source}: field 'feature_width' is {self.feature_width}; expected at least 8")
+
+
+def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
+    """The DiffBulk dense model a run starts from, and the protocol it predicts (the PixNet's when one is
+    named); one-line errors for parts that do not fit together."""
+    from ..data.protocols import get_protocol
+    from ..models.checkpoint import load_checkpoint
+    from ..models.diffbulk import load_stage1
+    from ..models.diffbulk_dense import DiffBulkDense, DiffBulkDenseConfig
+    from ..models.encoders import EncoderConfig
+    from ..models.pixnet import PixNet, PixNetConfig
+    from ..models.taef2 import FILES, TAEF2
+
+    stage1 = load_stage1(config.stage1)
+    tile = stage1.config.get("tile", {})
+    tile_um = tile.get("tile_um")
+    if not isinstance(tile_um, int | float) or tile_um <= 0:
+        raise GenemapInputError(f"{stage1.path}: config holds no tile size ('tile.tile_um'); cannot use it")
+    feature_tile = tile_um / config.mpp
+    if abs(feature_tile - round(feature_tile)) > 1e-6:
+        raise GenemapInputError(
+            f"{stage1.path}: its {tile_um:g} µm tiles are {feature_tile:g} px at {config.mpp} µm/px; "
+            "expected a whole number of pixels (train stage 1 with tile_um a multiple of mpp)"
+        )
+    feature_tile = round(feature_tile)
+    if config.window % math.lcm(32, feature_tile):
+        raise GenemapInputError(
+            f"window {config.window} px: expected a multiple of {math.lcm(32, feature_tile)} "
+            f"(32 and stage 1's {feature_tile} px tiles)"
+        )
+    if config.pathology:
+        pixnet_checkpoint = load_checkpoint(config.pathology)
+        if pixnet_checkpoint.model_class != "PixNet":
+            raise GenemapInputError(f"{config.pathology}: holds a {pixnet_checkpoint.model_class}; expected a PixNet")
+        if not math.isclose(pixnet_checkpoint.mpp, config.mpp, rel_tol=1e-6):
+            raise GenemapInputError(
+                f"{config.pathology}: PixNet works at {pixnet_checkpoint.mpp} µm/px; the config asks {config.mpp}"
+            )
+        if protocol is not None and protocol.genes != pixnet_checkpoint.protocol.genes:
+            raise GenemapInputError(f"{config.pathology}: PixNet predicts other genes than the run's protocol")
+        protocol = pixnet_checkpoint.protocol
+        pixnet = cast(PixNet, pixnet_checkpoint.model)
+    else:
+        if protocol is None:
+            from ..io import counts_table, read_slide
+            from .config import slide_name
+
+            training = [
+                counts_table(read_slide(s["path"], section=s.get("section")))
+                for s in config.slides
+                if slide_name(s) not in config.validation
+            ]
+            protocol = get_protocol(config.protocol, training)
+        pixnet = PixNet(
+            PixNetConfig(protocol.n_genes, EncoderConfig(config.encoder, config.weights), stride=config.stride)
+        )
+    dense_config = DiffBulkDenseConfig(
+        n_genes=protocol.n_genes,
+        pathology=pixnet.config,
+        edm=stage1.model.edm_config,
+        latent=stage1.model.latent,
+        feature_tile=feature_tile,
+        feature_width=config.feature_width,
+        features=config.features,
+    )
+    model = DiffBulkDense(dense_config)
+    model.start_from_pixnet(pixnet)
+    taef2_state = None
+    if stage1.model.latent.space == "taef2":
+        used = stage1.config.get("provenance", {}).get("taef2") or {}
+        folder = config.taef2 or used.get("folder", "")
+        if not folder or not Path(folder).is_dir():
+            raise GenemapInputError(
+                f"stage 1 works in TAEF2 latents: set 'taef2' to the folder with its weights (got {folder!r})"
+            )
+        digest = hashlib.sha256(b"".join((Path(folder) / name).read_bytes() for name in FILES.values())).hexdigest()
+        if used.get("sha256") and used["sha256"] != digest:
+            raise GenemapInputError(f"{folder}: other TAEF2 weights than stage 1 was trained with ({used['folder']})")
+        taef2_state = TAEF2.from_folder(folder).encoder.state_dict()
+    model.start_from_stage1(stage1.model.denoiser.state_dict(), taef2_state)
+    return model, protocol, stage1
+
+
+def train_diffbulk_stage2(
+    config: DiffBulkStage2Config,
+    *,
+    progress: Progress | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """Build (or resume) the dense stage-2 model and train it as `train.pixnet.train_pixnet` trains PixNet."""
+    from .pixnet import load_slides, mean_density, train_pixnet
+
+    if config.resume:
+        return train_pixnet(config, progress=progress, on_metrics=on_metrics, cancel=cancel)
+    model, protocol, _ = build_stage2_model(config)
+    slides, protocol = load_slides(config, protocol)
+    if not config.pathology:
+        from ..models.pixnet import set_output_scale
+
+        training = [s for name, s in slides.items() if name not in config.validation]
+        set_output_scale(model.head, mean_density(training, model.stride))
+    return train_pixnet(
+        config,
+        slides=slides,
+        protocol=protocol,
+        progress=progress,
+        on_metrics=on_metrics,
+        cancel=cancel,
+        model=model,
+    )

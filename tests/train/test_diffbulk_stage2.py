@@ -1,0 +1,133 @@
+"""DiffBulk stage 2 training, run as the Training panel and ``genemap train diffbulk-stage2`` run it: a tiny
+pixel-space stage 1 (saved as stage 1 saves it) and a small PixNet checkpoint, a few steps on the bundled
+HER2ST crop. The stage-1 U-Net stays frozen, p and the fusion learn, and the checkpoint is a gene-map model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_genemap.errors import GenemapInputError
+from napari_genemap.models.checkpoint import load_checkpoint
+from napari_genemap.models.diffbulk import DiffBulkStage1, load_stage1, save_stage1
+from napari_genemap.models.edm import preset
+from napari_genemap.models.gene_encoder import GeneEncoderConfig
+from napari_genemap.train.stages import stage_named, write_config
+
+TILE_UM = 256.0  # 64 px at the small PixNet's 4 µm/px
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    """A random pixel-space stage 1 with 16 px tiles of 256 µm, saved in stage 1's own format."""
+    torch.manual_seed(0)
+    edm = preset(
+        "cpu-small",
+        in_channels=3,
+        sample_size=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        space="pixel",
+    )
+    model = DiffBulkStage1(edm, GeneEncoderConfig(dim=32, heads=4, layers=1))
+    tile = {"tile_um": TILE_UM, "tile_px": model.tile_px, "mpp": TILE_UM / model.tile_px}
+    return save_stage1(tmp_path_factory.mktemp("stage1") / "checkpoint", model, tile=tile, metrics={"step": 1})
+
+
+@pytest.fixture(scope="module")
+def pathology(tmp_path_factory) -> Path:
+    """A small random PixNet at 4 µm/px, stride 8, over three genes the bundled crop measures."""
+    from napari_genemap.data.protocols import Protocol
+    from napari_genemap.models.checkpoint import save_checkpoint
+    from napari_genemap.models.encoders import EncoderConfig
+    from napari_genemap.models.pixnet import PixNet, PixNetConfig
+
+    torch.manual_seed(0)
+    genes = ("CD74", "KRT8", "IGKC")
+    model = PixNet(PixNetConfig(len(genes), EncoderConfig(weights="random"), stride=8)).eval()
+    model.set_output_scale(torch.tensor([0.3, 1.0, 3.0]))
+    protocol = Protocol("small", genes, target_sum=1e4, log="ln")
+    return save_checkpoint(tmp_path_factory.mktemp("pixnet") / "small", model, protocol=protocol, mpp=4.0, window=128)
+
+
+def _slides() -> list[dict]:
+    from napari_genemap.sample import sample_root
+
+    return [{"path": str(sample_root()), "section": "B4_crop", "name": "B4_crop"}]
+
+
+def _run_from_cli(settings: dict, out: Path, capsys) -> list[dict]:
+    from napari_genemap.cli import main
+
+    stage = stage_named("diffbulk-stage2")
+    config = stage.config(_slides(), [], settings, str(out))  # what the Training panel writes
+    path = write_config({**config, "mpp": 4.0, "window": 128, "batch": 2, "threads": 1}, out.parent, out.name)
+    assert main(["train", "diffbulk-stage2", "--config", str(path), "--jsonl"]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_stage2_trains_p_and_the_fusion_and_leaves_the_unet_frozen(stage1, pathology, tmp_path, capsys):
+    settings = {"stage1": str(stage1), "pathology": str(pathology), "steps": 3, "eval_every": 3}
+    events = _run_from_cli({**settings, "device": "cpu"}, tmp_path / "both", capsys)
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert events[-1]["event"] == "done" and events[-1]["checkpoint"] == str(tmp_path / "both")
+
+    dense = load_checkpoint(tmp_path / "both")
+    pixnet = load_checkpoint(pathology)
+    assert dense.model_class == "DiffBulkDense" and dense.genes == pixnet.genes and dense.mpp == 4.0
+    unet = load_stage1(stage1).model.denoiser.state_dict()  # the U-Net inside is stage 1's, weight for weight
+    for key, value in dense.model.diffusion.denoiser.state_dict().items():
+        torch.testing.assert_close(value, unet[key], rtol=0, atol=0, msg=key)
+    assert dense.model.fusion.project.weight.abs().max() > 0  # started at zero, trained
+    moved = [
+        (a - b).abs().max().item()
+        for (name, a), b in zip(
+            dense.model.pathology.state_dict().items(),
+            [v for k, v in pixnet.model.state_dict().items() if not k.startswith("head.")],
+            strict=True,
+        )
+        if a.is_floating_point() and "running" not in name
+    ]
+    assert max(moved) > 0  # p was fine-tuned
+    image = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert (dense.model(image) - pixnet.model(image)).abs().max() > 0
+
+
+def test_the_pathology_control_trains_p_alone(stage1, pathology, tmp_path, capsys):
+    settings = {"stage1": str(stage1), "pathology": str(pathology), "steps": 1, "eval_every": 1}
+    _run_from_cli({**settings, "features": "pathology", "device": "cpu"}, tmp_path / "p", capsys)
+    control = load_checkpoint(tmp_path / "p")
+    assert control.model.config.features == "pathology"
+    assert control.model.fusion.project.weight.abs().max() == 0  # f never reached the loss
+
+
+def test_a_missing_stage1_is_refused_in_one_line_before_a_process_starts(tmp_path, pathology):
+    stage = stage_named("diffbulk-stage2")
+    with pytest.raises(GenemapInputError, match="stage 1 run: choose"):
+        stage.config(_slides(), [], {"pathology": str(pathology)}, str(tmp_path / "out"))
+    with pytest.raises(GenemapInputError, match="no-such-run"):
+        stage.config(_slides(), [], {"stage1": str(tmp_path / "no-such-run")}, str(tmp_path / "out"))
+    assert stage.makes_gene_maps  # its checkpoints are offered to Slide & model
+
+
+def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, pathology, tmp_path):
+    from napari_genemap.train.diffbulk_stage2 import DiffBulkStage2Config, build_stage2_model
+
+    config = DiffBulkStage2Config(
+        slides=_slides(), out=str(tmp_path / "x"), stage1=str(stage1), pathology=str(pathology), mpp=3.0
+    )
+    with pytest.raises(GenemapInputError, match="85.33.* px at 3.0 µm/px"):
+        build_stage2_model(config)
+    config.mpp, config.window = 4.0, 96
+    with pytest.raises(GenemapInputError, match="PixNet works at 4.0 µm/px; the config asks"):
+        build_stage2_model(DiffBulkStage2Config(**{**config.__dict__, "mpp": 2.0, "window": 128}))
+    with pytest.raises(GenemapInputError, match="window 96 px: expected a multiple of 64"):
+        build_stage2_model(config)
