@@ -104,6 +104,7 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     """Train in this process; SIGINT/SIGTERM stop after the current step, keeping the best checkpoint."""
     import json
+    import os
     import signal
 
     from tqdm import tqdm
@@ -125,10 +126,14 @@ def cmd_train(args) -> int:
         signum: signal.signal(signum, lambda *_: stop.append(True)) for signum in (signal.SIGINT, signal.SIGTERM)
     }
 
-    def emit(event: dict) -> None:  # machine-readable progress for the napari training panel and pipelines
-        print(json.dumps(event), flush=True)
+    # under torchrun only rank 0 reports (the others compute their shards of each batch)
+    reporting = os.environ.get("RANK", "0") == "0"
 
-    bar = None if args.jsonl else tqdm(total=config.steps, desc=f"training {stage.label}", unit="step")
+    def emit(event: dict) -> None:  # machine-readable progress for the napari training panel and pipelines
+        if reporting:
+            print(json.dumps(event), flush=True)
+
+    bar = None if args.jsonl or not reporting else tqdm(total=config.steps, desc=f"training {stage.label}", unit="step")
 
     def progress(done: int, total: int, message: str) -> None:
         if bar is not None:
@@ -155,7 +160,7 @@ def cmd_train(args) -> int:
             f"{'cancelled' if summary['cancelled'] else 'finished'} after {summary['steps']} steps; "
             f"checkpoint: {summary['checkpoint']}"
         )
-    return 0 if summary["checkpoint"] else 1
+    return 0 if summary["checkpoint"] or not reporting else 1  # rank 0 saved it (or says why not)
 
 
 def cmd_generate(args) -> int:

@@ -255,19 +255,26 @@ def edm_loss(
     condition: torch.Tensor | None = None,
     *,
     sigma: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
     p_drop: float | None = None,
     generator: torch.Generator | None = None,
     uncertainty: bool = True,
 ) -> EDMLoss:
-    """One EDM training loss on clean ``x``: noise levels from the config's lognormal (or ``sigma``), the
-    condition dropped per sample with ``p_drop`` (default the config's), EDM2's weighting if ``uncertainty``."""
+    """One EDM training loss on clean ``x``: noise levels from the config's lognormal (or ``sigma``), unit
+    noise drawn (or ``noise``), the condition dropped per sample with ``p_drop`` (default the config's; 0
+    draws nothing), EDM2's weighting if ``uncertainty``."""
     config = denoiser.config
     batch = len(x)
     if sigma is None:
         sigma = sample_sigma(batch, config.p_mean, config.p_std, generator, x.device)
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(batch)
-    keep = keep_condition(batch, config.p_drop if p_drop is None else p_drop, generator, x.device)
-    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    p_drop = config.p_drop if p_drop is None else p_drop
+    if p_drop:
+        keep = keep_condition(batch, p_drop, generator, x.device)
+    else:
+        keep = torch.ones(batch, dtype=torch.bool, device=x.device)
+    if noise is None:
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     denoised = denoiser(x + noise * sigma.reshape(-1, 1, 1, 1), sigma, condition, keep)
     weighted = loss_weight(sigma, config.sigma_data) * (denoised - x).square().flatten(1).mean(1)
     if uncertainty:

@@ -20,7 +20,10 @@ slide is held out), and the checkpoint with the training state saved atomically 
 (`models.diffbulk`). Every ``preview_every`` steps a PNG grid is written to ``<out>/previews``: top row the
 preview spot's own tile (through the latent space) then images generated for its measured profile
 (Heun, ``preview_steps``, guidance ``guidance``), bottom row unconditioned images, from the same noise
-every time. Cancelling stops before the next step; the last saved checkpoint stays. Resuming restores
+every time. Cancelling stops before the next step; the last saved checkpoint stays. Under ``torchrun
+--nproc_per_node N`` the same run is shared by N processes (`train.distributed`: every rank draws the whole
+batch's random choices, computes its shard, DistributedDataParallel averages the gradients; rank 0 encodes
+the tiles, validates, saves and reports), which matches one process with the same ``batch_size``. Resuming restores
 weights, AdamW moments, the step and every random generator, so a resumed run draws the same batches,
 gene subsets, sigmas and noise as one that never stopped; its weights agree to float rounding (MKL and
 oneDNN on a CPU round differently from one process history to the next: ~1e-6 after 8 steps).
@@ -44,6 +47,7 @@ import numpy as np
 
 from ..device import check_device_name
 from ..errors import GenemapInputError
+from . import distributed
 from .config import read_config_file, resolve_paths, slide_name
 
 if TYPE_CHECKING:
@@ -363,6 +367,10 @@ def train_diffbulk_stage1(
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    ranks = distributed.start(device, config.batch_size)  # torchrun: this process's rank; else a no-op
+    device = distributed.device_for(device, ranks)
+    if not ranks.main:  # rank 0 reports and writes; the others only compute their shards
+        progress = on_metrics = None
     out = Path(config.out)
     target = out / CHECKPOINT_DIR
     resumed = None
@@ -388,12 +396,17 @@ def train_diffbulk_stage1(
         protocol = None
     space = model.latent
     taef2, encode, digest = _encoder(config, space, device)
-    try:
-        sets, protocol, cache_counts = load_tile_sets(
-            config, protocol, space, model.tile_px, encode, digest, progress, cancel
-        )
-    except Cancelled as stop:
-        logger.info("%s", stop)
+    loaded = None
+    if ranks.main:  # rank 0 encodes and caches the tiles; the others then read its cache
+        try:
+            loaded = load_tile_sets(config, protocol, space, model.tile_px, encode, digest, progress, cancel)
+        except Cancelled as stop:
+            logger.info("%s", stop)
+    main_cancelled = ranks.any(ranks.main and loaded is None)  # also the point where the others wait for rank 0
+    if loaded is None and not main_cancelled:  # the other ranks, from rank 0's cache
+        loaded = load_tile_sets(config, protocol, space, model.tile_px, encode, digest)
+    if loaded is None:
+        distributed.stop(ranks)
         checkpoint = str(resumed.path) if resumed else None
         return {
             "checkpoint": checkpoint,
@@ -406,7 +419,7 @@ def train_diffbulk_stage1(
             "preview": None,
             "latents": {},
         }
-    assert protocol is not None
+    sets, protocol, cache_counts = loaded
     train_sets = [s for name, s in sets.items() if name not in config.validation]
     valid_sets = [sets[name] for name in config.validation]
     if not train_sets:
@@ -419,6 +432,14 @@ def train_diffbulk_stage1(
     check_set = _validation_set(valid_sets or train_sets, config.validation_tiles)
     preview = _preview_tile(config, valid_sets or train_sets)
 
+    objective = _objective_class()(model)
+    if ranks.active:  # gradients averaged over the ranks in backward; the draws are the same everywhere
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [device.index] if device.type == "cuda" else None
+        objective = DistributedDataParallel(
+            objective, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
+        )
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -448,17 +469,20 @@ def train_diffbulk_stage1(
     last_preview, bands = None, None
     loop_started = time.perf_counter()
     for step in range(start + 1, config.steps + 1):
-        if cancel is not None and cancel():
+        if ranks.any(cancel is not None and cancel()):  # every rank stops at the same step
             cancelled = True
             break
         model.train()
         for group in optimiser.param_groups:
             group["lr"] = config.lr * min(1.0, step / config.warmup) if config.warmup else config.lr
-        loss, mse = _step_loss(model, config, train_latents, train_values, rows, rng, generator, device)
+        draws = _draw(config, train_latents, train_values, rows, rng, generator, device, model.edm_config)
+        loss, weighted_mse = objective(*_shard_inputs(draws, ranks.shard(config.batch_size), device))
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the ranks' gradients here: the global batch's
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         optimiser.step()
+        mse = ranks.mean(float(weighted_mse.mean()))
+        objective_value = ranks.mean(float(loss.detach()))
         running = mse if running is None else 0.95 * running + 0.05 * mse
         done = step - start
         per_step = (time.perf_counter() - loop_started) / done
@@ -468,12 +492,12 @@ def train_diffbulk_stage1(
         record: dict[str, Any] = {
             "step": step,
             "loss": mse,  # EDM's lambda-weighted MSE: comparable with the validation bands
-            "objective": float(loss.detach()),  # what is minimised: with EDM2's uncertainty, may be negative
+            "objective": objective_value,  # what is minimised: with EDM2's uncertainty, may be negative
             "lr": optimiser.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
         }
         last = step == config.steps
-        if step % config.eval_every == 0 or last:
+        if ranks.main and (step % config.eval_every == 0 or last):
             timer = time.perf_counter()
             bands, unconditioned = _validation_bands(model, check_set, rows, config.batch_size, device)
             record["validation_loss"] = bands
@@ -497,7 +521,7 @@ def train_diffbulk_stage1(
             record["saved"] = saved = True
             record["eval_seconds"] = time.perf_counter() - timer  # validation and saving
             logger.info("step %d: validation loss %s; saved %s", step, _bands_text(bands), target)
-        if config.preview_every and (step % config.preview_every == 0 or last):
+        if ranks.main and config.preview_every and (step % config.preview_every == 0 or last):
             timer = time.perf_counter()
             last_preview = _write_preview(model, taef2, preview, rows, config, out / "previews", step, device)
             record["preview"] = str(last_preview)
@@ -505,6 +529,7 @@ def train_diffbulk_stage1(
         history.append(record)
         if on_metrics is not None:
             on_metrics(record)
+    distributed.stop(ranks)
     return {
         "checkpoint": str(target) if saved and target.exists() else (str(resumed.path) if resumed else None),
         "best_validation": None,  # stage 1 keeps the latest checkpoint: a diffusion loss does not rank samples
@@ -530,33 +555,83 @@ def _check_resumable(config: DiffBulkStage1Config, saved: dict, step: int, path:
         raise GenemapInputError(f"{path}: checkpoint works in TAEF2 latents; set 'taef2' to the weights folder")
 
 
-def _step_loss(model, config, latents, values, rows, rng, generator, device):
-    """One batch's loss (EDM2-weighted) and its plain lambda-weighted MSE."""
+@dataclass
+class Draws:
+    """One step's random choices for the whole (global) batch, drawn before any rank computes its shard."""
+
+    stored: np.ndarray  # (batch, C, h, w) the chosen tiles' stored latents
+    keep: np.ndarray  # (batch,) bool: the masking switch
+    sigma: Any  # (batch,) torch tensor: noise levels
+    noise: Any  # (batch, C, h, w) torch tensor: unit noise
+    panels: tuple[np.ndarray, ...]  # kept samples' gene subsets (values, rows, padding), in batch order
+
+
+def _draw(config, latents, values, rows, rng, generator, device, shape) -> Draws:
+    """Every random choice of one step, for the whole batch, from the run's two generators."""
     import torch
 
-    from ..models.edm import edm_loss, keep_condition
+    from ..models.edm import keep_condition, sample_sigma
 
     batch = config.batch_size
     index = rng.integers(0, len(latents), size=batch)
     variant = rng.integers(0, latents.shape[1], size=batch)
-    # copied into torch's own memory (a torch allocation, not a view of numpy's)
-    stored = torch.tensor(latents[index, variant], dtype=torch.float32, device=device)
-    x = model.latent.to_diffusion(stored)
     keep = keep_condition(batch, config.p_drop, generator, device).cpu().numpy()
-    parts = []
-    if keep.any():
-        panel_values, panel_rows, padding = _subsets(values[index[keep]], rows, config, rng)
-        condition = model.gene_encoder(
-            torch.tensor(panel_values, device=device),
-            torch.from_numpy(panel_rows).to(device),
-            torch.from_numpy(padding).to(device),
-        )
-        parts.append(edm_loss(model.denoiser, x[torch.from_numpy(keep)], condition, p_drop=0.0, generator=generator))
-    if not keep.all():
-        parts.append(edm_loss(model.denoiser, x[torch.from_numpy(~keep)], None, generator=generator))
-    loss = sum(part.loss * len(part.sigma) for part in parts) / batch
-    mse = float(torch.cat([part.weighted_mse for part in parts]).mean())
-    return loss, mse
+    panels = _subsets(values[index[keep]], rows, config, rng) if keep.any() else ()
+    edm = shape
+    sigma = sample_sigma(batch, edm.p_mean, edm.p_std, generator, device)
+    noise = torch.randn((batch, edm.in_channels, edm.sample_size, edm.sample_size), generator=generator, device=device)
+    return Draws(latents[index, variant].astype(np.float32), keep, sigma, noise, panels)
+
+
+def _shard_inputs(draws: Draws, part: slice, device) -> tuple:
+    """This rank's share of the drawn batch, as the tensors `Stage1Objective` takes."""
+    import torch
+
+    keep = draws.keep[part]
+    first = int(draws.keep[: part.start].sum())  # kept samples before the shard: where its panels start
+    panels = tuple(torch.from_numpy(a[first : first + int(keep.sum())]).to(device) for a in draws.panels)
+    return (
+        torch.tensor(draws.stored[part], device=device),
+        torch.from_numpy(keep).to(device),
+        draws.sigma[part],
+        draws.noise[part],
+        panels,
+    )
+
+
+def _objective_class():
+    """`Stage1Objective`, defined where torch is imported (the module stays torch-free for the panel)."""
+    from torch import nn
+
+    from ..models.edm import edm_loss
+
+    class Stage1Objective(nn.Module):
+        """The loss of a batch (or a rank's shard of one) whose random choices were drawn beforehand: the
+        module DistributedDataParallel wraps. Kept and dropped samples go through the loss as two
+        sub-batches (the gene encoder runs on the kept ones only); the loss is their sample-weighted mean."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, stored, keep, sigma, noise, panels):
+            import torch
+
+            x = self.model.latent.to_diffusion(stored)
+            parts = []
+            if bool(keep.any()):
+                condition = self.model.gene_encoder(*panels)
+                parts.append(
+                    edm_loss(self.model.denoiser, x[keep], condition, sigma=sigma[keep], noise=noise[keep], p_drop=0)
+                )
+            if not bool(keep.all()):
+                parts.append(
+                    edm_loss(self.model.denoiser, x[~keep], None, sigma=sigma[~keep], noise=noise[~keep], p_drop=0)
+                )
+            loss = sum(part.loss * len(part.sigma) for part in parts) / len(x)
+            return loss, torch.cat([part.weighted_mse for part in parts])
+
+    return Stage1Objective
 
 
 def _subsets(values: np.ndarray, rows: np.ndarray, config: DiffBulkStage1Config, rng) -> tuple[np.ndarray, ...]:
