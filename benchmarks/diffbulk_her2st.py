@@ -122,6 +122,134 @@ def run_fold(args) -> dict:
     return result
 
 
+FIGURE_GENES = ("KRT8", "IGKC", "COL3A1")  # tumour epithelium, plasma cells, stroma
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (FID's formula)."""
+    from scipy import linalg
+
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(root)))
+
+
+def stage1_quality(args) -> dict:
+    """Fréchet distances in ImageNet EfficientNet-Lite0 space, the conditioning check and the figure."""
+    import torch
+    from PIL import Image
+
+    from napari_genemap.checkpoints import shipped_checkpoint
+    from napari_genemap.data.protocols import Protocol
+    from napari_genemap.data.pseudobulk import normalise_tiles, read_tiles, spot_tiles
+    from napari_genemap.io import read_slide
+    from napari_genemap.models.checkpoint import load_checkpoint
+    from napari_genemap.models.diffbulk import load_stage1
+    from napari_genemap.models.encoders import Encoder, EncoderConfig
+    from napari_genemap.models.generate import decoder_for, to_rgb
+    from napari_genemap.models.predict import predict_map
+
+    stage1 = load_stage1(args.stage1)
+    model = stage1.model.eval()
+    config = stage1.config
+    trained_on = sorted(s.get("section") for s in config["provenance"]["training"])
+    if args.fold in trained_on:
+        raise SystemExit(f"{args.stage1}: trained on {args.fold}; the fold's stage 1 must not have seen it")
+    protocol = Protocol.from_dict(config["protocol"])
+    tile_um, tile_px = config["tile"]["tile_um"], model.tile_px
+    decode = decoder_for(
+        model, config["provenance"]["taef2"]["folder"] if config["provenance"].get("taef2") else None, "cpu"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata = read_slide(DATA, section=args.fold)
+    tiles = spot_tiles(sdata, tile_um)
+    rng = np.random.default_rng(0)
+    chosen = np.sort(rng.choice(tiles.n_obs, size=min(2 * args.n_quality, tiles.n_obs), replace=False))
+    tiles = tiles[chosen].copy()
+    real = read_tiles(sdata, tiles, tile_um / tile_px)
+    values = normalise_tiles(tiles, protocol).layers["protocol"].astype(np.float32)
+    n = args.n_quality
+    genes = list(protocol.genes)
+
+    def draw(profiles: np.ndarray | None, seed: int) -> np.ndarray:
+        generator = torch.Generator().manual_seed(seed)
+        c = model.edm_config
+        noise = torch.randn(
+            (len(profiles) if profiles is not None else n, c.in_channels, c.sample_size, c.sample_size),
+            generator=generator,
+        )
+        with torch.no_grad():
+            condition = None if profiles is None else model.condition([(genes, v) for v in profiles])
+            stored = model.generate(
+                noise, condition, steps=args.sample_steps, guidance=args.guidance if condition is not None else None
+            )
+        return to_rgb(stored, decode)
+
+    started = time.perf_counter()
+    conditioned = draw(values[:n], 1)
+    shuffled = draw(values[:n][rng.permutation(n)], 1)  # the same noise, another tile's profile
+    unconditioned = draw(None, 1)
+    seconds = time.perf_counter() - started
+    encoder = Encoder(EncoderConfig()).eval()
+
+    def features(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+            return encoder(x)[-1].mean((2, 3)).numpy().astype(np.float64)
+
+    real_a, real_b = features(real[:n]), features(real[n : 2 * n])
+    distances = {
+        "real vs real (two halves of the held-out tiles)": frechet_distance(real_a, real_b),
+        "conditioned vs real": frechet_distance(features(conditioned), real_b),
+        "unconditioned vs real": frechet_distance(features(unconditioned), real_b),
+    }
+    scorer = load_checkpoint(shipped_checkpoint())  # trained on all five sections, the held-out one too
+
+    def expression(images: np.ndarray) -> np.ndarray:
+        raw = np.stack([predict_map(scorer.model, image).sum((1, 2)) for image in images])
+        return np.asarray(protocol.normalise(raw), np.float64)
+
+    def agreement(images: np.ndarray) -> float:
+        from napari_genemap.evaluate.metrics import summarise_unit
+
+        return float(summarise_unit(expression(images), values[:n])["PCC@M"])
+
+    check = {
+        "real tiles (ceiling)": agreement(real[:n]),
+        "drawn for their own profiles": agreement(conditioned),
+        "drawn for shuffled profiles": agreement(shuffled),
+        "unconditioned": agreement(unconditioned),
+    }
+    figure_rows = []
+    for gene in FIGURE_GENES:
+        column = genes.index(gene)
+        order = np.argsort(values[:, column])
+        high, low = values[order[-1]], values[order[0]]
+        figure_rows += [draw(np.stack([high] * 3), 7), draw(np.stack([low] * 3), 7)]
+    side = figure_rows[0].shape[1]
+    figure = np.full((len(figure_rows) * (side + 4), 3 * (side + 4), 3), 255, np.uint8)
+    for r, row in enumerate(figure_rows):
+        for c, image in enumerate(row):
+            figure[r * (side + 4) : r * (side + 4) + side, c * (side + 4) : c * (side + 4) + side] = image
+    figure_path = RESULTS / f"diffbulk_stage1_{args.fold}.png"
+    Image.fromarray(figure).save(figure_path)
+    return {
+        "n": n,
+        "tile_um": tile_um,
+        "tile_px": tile_px,
+        "step": stage1.metrics.get("step"),
+        "guidance": args.guidance,
+        "sample_steps": args.sample_steps,
+        "sampling_seconds": seconds,
+        "frechet_efficientnet_lite0": distances,
+        "conditioning_pcc_mean": check,
+        "figure": str(figure_path.relative_to(ROOT.parent)),
+        "figure_rows": [f"{g} {level}" for g in FIGURE_GENES for level in ("highest", "lowest")],
+    }
+
+
 def table() -> None:
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("diffbulk_*.json"))]
     print("| fold | model | mean PCC | median PCC | global PCC | undefined | train s |")
@@ -148,16 +276,28 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", type=Path, default=Path("/tmp/diffbulk_her2st"))
     parser.add_argument("--table", action="store_true", help="print the finished folds and stop")
+    parser.add_argument(
+        "--quality", action="store_true", help="stage 1's Fréchet distances, conditioning check, figure"
+    )
+    parser.add_argument("--n-quality", type=int, default=64, help="tiles per set for --quality")
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--sample-steps", type=int, default=24)
     args = parser.parse_args()
     if args.table:
         table()
         return
-    if not (args.fold and args.stage1 and args.pathology):
-        parser.error("--fold, --stage1 and --pathology are needed (or --table)")
+    if not (args.fold and args.stage1 and (args.pathology or args.quality)):
+        parser.error("--fold, --stage1 and --pathology (or --quality) are needed, or --table")
     args.out.mkdir(parents=True, exist_ok=True)
-    result = run_fold(args)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"diffbulk_{args.fold}.json").write_text(json.dumps(result, indent=1) + "\n")
+    path = RESULTS / f"diffbulk_{args.fold}.json"
+    result = json.loads(path.read_text()) if path.exists() else {"fold": args.fold, "rows": {}}
+    if args.quality:
+        result["stage1_quality"] = stage1_quality(args)
+        print(json.dumps(result["stage1_quality"], indent=1))
+    else:
+        result = {**result, **run_fold(args)}
+    path.write_text(json.dumps(result, indent=1) + "\n")
     table()
 
 

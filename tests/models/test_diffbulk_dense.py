@@ -32,14 +32,14 @@ TINY_PIXEL_EDM = preset(
 )
 
 
-def tiny_dense(features: str = "both", seed: int = 0) -> tuple[DiffBulkDense, PixNet]:
+def tiny_dense(features: str = "both", seed: int = 0, feature_tile: int = 64) -> tuple[DiffBulkDense, PixNet]:
     """A random PixNet (stride 8) and a dense model built on it with 64 px feature tiles (pixel space,
     resampled to the U-Net's 16 px), f's projection made non-zero so f shows in the output."""
     torch.manual_seed(seed)
     pixnet = PixNet(PixNetConfig(len(GENES), EncoderConfig(weights="random"), stride=8)).eval()
     pixnet.set_output_scale(torch.tensor([0.5, 1.0, 2.0]))
     config = DiffBulkDenseConfig(
-        len(GENES), pixnet.config, TINY_PIXEL_EDM, PIXEL_SPACE, feature_tile=64, features=features
+        len(GENES), pixnet.config, TINY_PIXEL_EDM, PIXEL_SPACE, feature_tile=feature_tile, features=features
     )
     model = DiffBulkDense(config).eval()
     model.start_from_pixnet(pixnet)
@@ -103,10 +103,16 @@ def test_engine_tiles_agree_with_one_large_window_for_the_tile_local_features(sa
         engine.close()
 
 
-def test_the_engine_refuses_tiles_off_the_models_lattice(sample_slide, tmp_path):
+def test_the_engine_refuses_tiles_off_the_models_lattice_and_rounds_its_defaults(sample_slide, tmp_path):
     model, _ = tiny_dense()
     with pytest.raises(GenemapInputError, match="tile 96: expected a positive multiple of 64"):
         TileEngine(_gene_map_model(model), sample_slide, tmp_path, tile=96, halo=64)
+    model, _ = tiny_dense(feature_tile=96)  # 1024 and 384 are not multiples of 96
+    engine = TileEngine(_gene_map_model(model), sample_slide, tmp_path, skip_background=False)
+    try:
+        assert (engine.grid.tile, engine.grid.halo, engine.grid.alignment) == (1056, 384, 96)
+    finally:
+        engine.close()
 
 
 def test_a_dense_checkpoint_saves_and_loads_as_a_gene_map_model(tmp_path):

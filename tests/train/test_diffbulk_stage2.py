@@ -17,12 +17,11 @@ from napari_genemap.models.edm import preset
 from napari_genemap.models.gene_encoder import GeneEncoderConfig
 from napari_genemap.train.stages import stage_named, write_config
 
-TILE_UM = 256.0  # 64 px at the small PixNet's 4 µm/px
+TILE_UM = 64.0  # 16 px at the small PixNet's 4 µm/px: stage 1's own scale
 
 
-@pytest.fixture(scope="module")
-def stage1(tmp_path_factory) -> Path:
-    """A random pixel-space stage 1 with 16 px tiles of 256 µm, saved in stage 1's own format."""
+def _save_stage1(folder: Path, tile_um: float) -> Path:
+    """A random pixel-space stage 1 with 16 px tiles of ``tile_um``, saved in stage 1's own format."""
     torch.manual_seed(0)
     edm = preset(
         "cpu-small",
@@ -37,8 +36,13 @@ def stage1(tmp_path_factory) -> Path:
         space="pixel",
     )
     model = DiffBulkStage1(edm, GeneEncoderConfig(dim=32, heads=4, layers=1))
-    tile = {"tile_um": TILE_UM, "tile_px": model.tile_px, "mpp": TILE_UM / model.tile_px}
-    return save_stage1(tmp_path_factory.mktemp("stage1") / "checkpoint", model, tile=tile, metrics={"step": 1})
+    tile = {"tile_um": tile_um, "tile_px": model.tile_px, "mpp": tile_um / model.tile_px}
+    return save_stage1(folder / "checkpoint", model, tile=tile, metrics={"step": 1})
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> Path:
+    return _save_stage1(tmp_path_factory.mktemp("stage1"), TILE_UM)
 
 
 @pytest.fixture(scope="module")
@@ -119,15 +123,22 @@ def test_a_missing_stage1_is_refused_in_one_line_before_a_process_starts(tmp_pat
 
 
 def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, pathology, tmp_path):
+    from napari_genemap.errors import GenemapDataWarning
     from napari_genemap.train.diffbulk_stage2 import DiffBulkStage2Config, build_stage2_model
 
     config = DiffBulkStage2Config(
         slides=_slides(), out=str(tmp_path / "x"), stage1=str(stage1), pathology=str(pathology), mpp=3.0
     )
-    with pytest.raises(GenemapInputError, match="85.33.* px at 3.0 µm/px"):
+    with pytest.raises(GenemapInputError, match=r"its 64 µm tiles are 21.33.* px at 3.0 µm/px"):
         build_stage2_model(config)
-    config.mpp, config.window = 4.0, 96
-    with pytest.raises(GenemapInputError, match="PixNet works at 4.0 µm/px; the config asks"):
-        build_stage2_model(DiffBulkStage2Config(**{**config.__dict__, "mpp": 2.0, "window": 128}))
+    config.mpp = 2.0
+    with pytest.raises(GenemapInputError, match="PixNet works at 4.0 µm/px; the config asks 2.0"):
+        build_stage2_model(config)
+    coarse = _save_stage1(tmp_path, 256.0)  # 16 px tiles of 256 µm: 64 px at 4 µm/px, resampled to 16
+    config.stage1, config.mpp, config.window = str(coarse), 4.0, 96
     with pytest.raises(GenemapInputError, match="window 96 px: expected a multiple of 64"):
         build_stage2_model(config)
+    config.window = 128
+    with pytest.warns(GenemapDataWarning, match="stage 1 learned 16 µm/px tiles.*tile_um = 16 x 4 = 64"):
+        model, _, _ = build_stage2_model(config)
+    assert model.config.feature_tile == 64

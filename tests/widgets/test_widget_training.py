@@ -219,11 +219,12 @@ def test_a_run_that_fails_shows_its_last_error_line(make_napari_viewer, qtbot, t
 
 @pytest.mark.slow
 @pytest.mark.gui
-def test_diffbulk_stage1_runs_from_the_panel_with_its_losses_and_preview(
+def test_diffbulk_stages_run_from_the_panel_stage1_with_its_preview_stage2_offered(
     make_napari_viewer, qtbot, tmp_path, shared_data
 ):
     """Stage 1 from the panel: progress, the validation loss on the second axis, the generated grid shown;
-    cancelled, then resumed from its step; its checkpoint is never offered as a gene-map model."""
+    cancelled, then resumed from its step; its checkpoint is never offered as a gene-map model. Then stage 2
+    on it: its finished dense checkpoint is offered to Slide & model."""
     from napari_genemap.widgets.session import session_for
     from napari_genemap.widgets.training import TrainingWidget
 
@@ -264,3 +265,16 @@ def test_diffbulk_stage1_runs_from_the_panel_with_its_losses_and_preview(
     with qtbot.waitSignal(widget.run_finished, timeout=120_000):
         widget.cancel()
     assert offered == []
+
+    # stage 2 on that stage 1 (its 112 µm tiles are 56 px at 2 µm/px: windows of 224 px), from ImageNet
+    widget.stage_box.setCurrentText("DiffBulk stage 2 (fusion)")
+    assert widget._axes[1].get_ylabel().startswith("validation PCC")
+    dense = tmp_path / "stage2"
+    settings = {"stage1": str(out), "steps": 2, "batch": 1, "window": 224, "eval_every": 2, "device": "cpu"}
+    for name, value in settings.items():
+        widget.set_setting(name, value)
+    widget.out_edit.setText(str(dense))
+    with qtbot.waitSignal(widget.run_finished, timeout=300_000) as finished:
+        assert widget.start()
+    assert finished.args[0]["checkpoint"] == str(dense) and widget.history.steps == [1, 2]
+    assert offered == [str(dense)]  # a dense stage-2 model is a gene-map model: Slide & model may take it

@@ -188,9 +188,15 @@ class TileEngine:
         threads (None: the backend's choice); ``start_model``: build the model's runner now, while the
         tissue mask is computed (what a viewer waits for), not on the first prediction; ``runner_factory``:
         (threads) -> (runner, name), for a backend measured outside `backends.BACKENDS` (the benchmark's int8
-        graphs)."""
+        graphs). The default tile and halo are rounded up to the model's input multiple (a DiffBulk model's
+        feature tile, e.g. 224 px: 1120 and 448); sizes given otherwise must be multiples of it."""
         from ..io import image_levels, slide_mpp
 
+        multiple = model.input_multiple
+        if tile == DEFAULT_TILE:
+            tile = -(-tile // multiple) * multiple
+        if halo == DEFAULT_HALO:
+            halo = -(-halo // multiple) * multiple
         self.loaded = model
         self.genes = list(model.genes)
         self.reader = ModelFrameReader.from_sdata(sdata, model.mpp)

@@ -17,12 +17,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from ..errors import GenemapInputError
+from ..errors import GenemapDataWarning, GenemapInputError
 from .config import TrainConfig, read_config_file, resolve_paths
 
 Progress = Callable[[int, int, str], None]
@@ -112,6 +113,15 @@ def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
             protocol = get_protocol(config.protocol, training)
         pixnet = PixNet(
             PixNetConfig(protocol.n_genes, EncoderConfig(config.encoder, config.weights), stride=config.stride)
+        )
+    stage1_mpp = tile_um / stage1.model.tile_px
+    if not math.isclose(stage1_mpp, config.mpp, rel_tol=0.1):
+        warnings.warn(
+            f"{stage1.path}: stage 1 learned {stage1_mpp:g} µm/px tiles; stage 2 resamples its {config.mpp:g} µm/px "
+            "windows to that scale. For features of the scale they were learned at, train stage 1 with "
+            f"tile_um = {stage1.model.tile_px} x {config.mpp:g} = {stage1.model.tile_px * config.mpp:g}",
+            GenemapDataWarning,
+            stacklevel=2,
         )
     dense_config = DiffBulkDenseConfig(
         n_genes=protocol.n_genes,
