@@ -4,7 +4,8 @@
 2. A second gene straight from the cache: its contrast and colour bar.
 3. A full HER2ST section opened with *Open slide…*: it becomes the active slide; KRT8 over the whole
    section until "view predicted", glass transparent.
-4. A model switch (the shipped checkpoint with its gene head's bias lowered by 1): the maps are rebuilt.
+4. A model switch (the shipped checkpoint with its gene head's bias lowered by 1, or ``--switch-to CKPT``,
+   e.g. a DiffBulk stage-2 dense checkpoint): the maps are rebuilt.
 5. A circle clicked in the Spots panel, with its table row.
 
 Run: ``xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python benchmarks/gui_walkthrough.py``.
@@ -53,6 +54,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", default="C3")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--switch-to", type=Path, help="the checkpoint step 4 switches to (default: a dimmer PixNet)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="genemap-walkthrough-"))
     os.environ["GENEMAP_CACHE_DIR"] = str(scratch / "cache")
@@ -120,11 +122,11 @@ def main() -> None:
     print(f"   whole view predicted in {predicted(600):.1f} s; tiles done {maps.tiles_done}")
     shot("3b_section_view_predicted")
 
-    checkpoint = dimmer_checkpoint(scratch / "pixnet-dimmer")
+    checkpoint = args.switch_to or dimmer_checkpoint(scratch / "pixnet-dimmer")
     slide_panel.checkpoint.setText(str(checkpoint))
     started = time.perf_counter()
     slide_panel.apply_model()
-    wait_until(app, lambda: "KRT8 · pixnet-dimmer" in viewer.layers, 120, "maps rebuilt")
+    wait_until(app, lambda: f"KRT8 · {Path(checkpoint).name}" in viewer.layers, 300, "maps rebuilt")
     print(f"4. model switched; maps rebuilt after {time.perf_counter() - started:.1f} s: {maps.status.text()!r}")
     print(f"   view predicted in {predicted(600):.1f} s")
     print(f"   gene layers: {[lay.name for lay in maps.gene_layers()]}")

@@ -67,3 +67,18 @@ def model_name(cls: type) -> str:
         if registered == path:
             return name
     raise GenemapInputError(f"model class {path} is not registered; call register_model(name, {path!r})")
+
+
+def describe(name: str, architecture: dict) -> str:
+    """A checkpoint's architecture in a few words (the model card), read from its config without torch."""
+    try:
+        if "pathology" in architecture:  # DiffBulk stage 2, dense
+            pathology, edm = architecture["pathology"], architecture["edm"]
+            return (
+                f"DiffBulk dense: PixNet on {pathology['encoder']['name']} fused with a diffusion U-Net "
+                f"{tuple(edm['block_out_channels'])} on {architecture['feature_tile']} px tiles, features "
+                f"{architecture['features']}, stride {pathology['stride']}"
+            )
+        return f"{name}: {architecture['encoder']['name']}, stride {architecture['stride']}"
+    except (KeyError, TypeError):
+        return f"{name} (architecture not described)"

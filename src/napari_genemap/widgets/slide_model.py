@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 from ..device import DEVICES
 from ..errors import GenemapInputError
 from ..layers import HE, show_only
+from ..models.registry import DEFAULT_MODEL, describe
 from ._qt import connect_session, wrapped_label
 
 
@@ -46,7 +47,7 @@ def model_card_text(card: dict, folder: Path) -> str:
     slides = ", ".join(str(s.get("section") or Path(s.get("path", "?")).name) for s in training) or "not recorded"
     metrics = {k: v for k, v in card.get("metrics", {}).items() if v is not None}
     lines = [
-        f"Model: {folder.name} ({card['architecture']['encoder']['name']}, stride {card['architecture']['stride']})",
+        f"Model: {folder.name} ({describe(card.get('model_class', DEFAULT_MODEL), card['architecture'])})",
         f"Genes: {len(card['genes'])} ({', '.join(card['genes'][:8])}, ...)",
         f"Protocol: {protocol.get('name', '?')} (what the profiles in tables mean)",
         f"Works at {card['mpp']} µm/px; trained on windows of {card['window']} px",
