@@ -64,7 +64,9 @@ def test_diffusion_features_sit_on_a_lattice_that_crops_and_margins_keep():
         shifted = model.diffusion_map(image[..., 64:, 128:])  # a window starting one and two tiles further
         margin = model.diffusion_map(image, margin=10)  # 80 px: one tile skipped, 2 map px cut inside the next
     assert whole.shape == (1, model.reducer.dim, 32, 32)
-    torch.testing.assert_close(shifted, whole[..., 8:, 16:], rtol=0, atol=1e-6)
+    # equal to float rounding (kernels vary with the number of tiles in a batch); a window off the lattice
+    # changes the f-only model's map by 18% of its maximum
+    torch.testing.assert_close(shifted, whole[..., 8:, 16:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(margin, whole[..., 10:-10, 10:-10], rtol=1e-5, atol=1e-5)
 
 
