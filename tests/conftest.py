@@ -120,3 +120,47 @@ def small_prediction(tmp_path_factory, random_checkpoint):
     finally:
         engine.close()
     return checkpoint, store
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_edm():
+    """DiffBulk's U-Net at test size: pixel space, 16 px tiles, widths 16 and 32, attention at 8 x 8."""
+    from napari_genemap.models.edm import preset
+
+    return preset(
+        "cpu-small",
+        in_channels=3,
+        sample_size=16,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=8,
+        space="pixel",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tiny_pixel_edm):
+    """make(features="both", seed=0, feature_tile=64) -> (a DiffBulk dense model, the random PixNet it
+    starts from): three genes, stride 8, its feature tiles resampled to the tiny U-Net's 16 px."""
+    import torch
+
+    from napari_genemap.models.diffbulk import PIXEL_SPACE
+    from napari_genemap.models.diffbulk_dense import DiffBulkDense, DiffBulkDenseConfig
+    from napari_genemap.models.encoders import EncoderConfig
+    from napari_genemap.models.pixnet import PixNet, PixNetConfig
+
+    def make(features: str = "both", seed: int = 0, feature_tile: int = 64):
+        torch.manual_seed(seed)
+        pixnet = PixNet(PixNetConfig(3, EncoderConfig(weights="random"), stride=8)).eval()
+        pixnet.set_output_scale(torch.tensor([0.5, 1.0, 2.0]))
+        config = DiffBulkDenseConfig(
+            3, pixnet.config, tiny_pixel_edm, PIXEL_SPACE, feature_tile=feature_tile, features=features
+        )
+        model = DiffBulkDense(config).eval()
+        model.start_from_pixnet(pixnet)
+        return model, pixnet
+
+    return make

@@ -11,42 +11,11 @@ from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.infer.engine import TileEngine
 from napari_genemap.models.checkpoint import GeneMapModel, load_checkpoint, save_checkpoint
-from napari_genemap.models.diffbulk import PIXEL_SPACE
-from napari_genemap.models.diffbulk_dense import DiffBulkDense, DiffBulkDenseConfig
-from napari_genemap.models.edm import preset
-from napari_genemap.models.encoders import EncoderConfig
-from napari_genemap.models.pixnet import PixNet, PixNetConfig
 
 GENES = ("g0", "g1", "g2")
-TINY_PIXEL_EDM = preset(
-    "cpu-small",
-    in_channels=3,
-    sample_size=16,
-    block_out_channels=(16, 32),
-    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-    layers_per_block=1,
-    norm_num_groups=8,
-    attention_head_dim=8,
-    space="pixel",
-)
 
 
-def tiny_dense(features: str = "both", seed: int = 0, feature_tile: int = 64) -> tuple[DiffBulkDense, PixNet]:
-    """A random PixNet (stride 8) and a dense model built on it with 64 px feature tiles (pixel space,
-    resampled to the U-Net's 16 px), f's projection made non-zero so f shows in the output."""
-    torch.manual_seed(seed)
-    pixnet = PixNet(PixNetConfig(len(GENES), EncoderConfig(weights="random"), stride=8)).eval()
-    pixnet.set_output_scale(torch.tensor([0.5, 1.0, 2.0]))
-    config = DiffBulkDenseConfig(
-        len(GENES), pixnet.config, TINY_PIXEL_EDM, PIXEL_SPACE, feature_tile=feature_tile, features=features
-    )
-    model = DiffBulkDense(config).eval()
-    model.start_from_pixnet(pixnet)
-    return model, pixnet
-
-
-def test_an_untrained_dense_model_predicts_exactly_what_its_pixnet_does():
+def test_an_untrained_dense_model_predicts_exactly_what_its_pixnet_does(tiny_dense):
     model, pixnet = tiny_dense()
     image = torch.rand(2, 3, 128, 192)
     with torch.no_grad():
@@ -56,7 +25,7 @@ def test_an_untrained_dense_model_predicts_exactly_what_its_pixnet_does():
         assert (model(image) - pixnet(image)).abs().max() > 1e-3  # f now counts
 
 
-def test_diffusion_features_sit_on_a_lattice_that_crops_and_margins_keep():
+def test_diffusion_features_sit_on_a_lattice_that_crops_and_margins_keep(tiny_dense):
     model, _ = tiny_dense()
     image = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
@@ -70,21 +39,21 @@ def test_diffusion_features_sit_on_a_lattice_that_crops_and_margins_keep():
     torch.testing.assert_close(margin, whole[..., 10:-10, 10:-10], rtol=1e-5, atol=1e-5)
 
 
-def test_inputs_off_the_feature_lattice_are_refused_in_one_line():
+def test_inputs_off_the_feature_lattice_are_refused_in_one_line(tiny_dense):
     model, _ = tiny_dense()
     assert model.input_multiple == 64
     with pytest.raises(GenemapInputError, match="multiples of 64"):
         model(torch.rand(1, 3, 96, 128))
 
 
-def _gene_map_model(model: DiffBulkDense) -> GeneMapModel:
+def _gene_map_model(model) -> GeneMapModel:
     protocol = Protocol("test", GENES, target_sum=1e4, log="ln")
     return GeneMapModel(
         model=model, protocol=protocol, mpp=4.0, window=128, digest="d" * 64, model_class="DiffBulkDense"
     )
 
 
-def test_engine_tiles_agree_with_one_large_window_for_the_tile_local_features(sample_slide, tmp_path):
+def test_engine_tiles_agree_with_one_large_window_for_the_tile_local_features(tiny_dense, sample_slide, tmp_path):
     """f alone (p = 0) depends on its own 64 px tiles only, so 64 px engine tiles with a 64 px halo give
     the map of one large window over them."""
     model, _ = tiny_dense("diffusion")
@@ -105,7 +74,7 @@ def test_engine_tiles_agree_with_one_large_window_for_the_tile_local_features(sa
         engine.close()
 
 
-def test_the_engine_refuses_tiles_off_the_models_lattice_and_rounds_its_defaults(sample_slide, tmp_path):
+def test_the_engine_refuses_tiles_off_the_models_lattice_and_rounds_its_defaults(tiny_dense, sample_slide, tmp_path):
     model, _ = tiny_dense()
     with pytest.raises(GenemapInputError, match="tile 96: expected a positive multiple of 64"):
         TileEngine(_gene_map_model(model), sample_slide, tmp_path, tile=96, halo=64)
@@ -117,7 +86,7 @@ def test_the_engine_refuses_tiles_off_the_models_lattice_and_rounds_its_defaults
         engine.close()
 
 
-def test_a_dense_checkpoint_saves_and_loads_as_a_gene_map_model(tmp_path):
+def test_a_dense_checkpoint_saves_and_loads_as_a_gene_map_model(tiny_dense, tmp_path):
     model, _ = tiny_dense()
     with torch.no_grad():
         model.fusion.project.weight.normal_()

@@ -13,31 +13,18 @@ from PIL import Image
 from napari_genemap.cli import main
 from napari_genemap.data.protocols import hist2st
 from napari_genemap.models.diffbulk import DiffBulkStage1, save_stage1
-from napari_genemap.models.edm import preset
 from napari_genemap.models.gene_encoder import GeneEncoderConfig
 from napari_genemap.models.generate import GAP
 
-SIDE = 16  # the tiny model's tiles, pixel space
+SIDE = 16  # the tiny U-Net's tiles (conftest.tiny_pixel_edm), pixel space
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory) -> Path:
+def stage1(tmp_path_factory, tiny_pixel_edm) -> Path:
     """A random pixel-space stage 1 over the hist2st genes, 112 µm tiles of 16 px, with its protocol."""
     torch.manual_seed(0)
-    edm = preset(
-        "cpu-small",
-        in_channels=3,
-        sample_size=SIDE,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=8,
-        space="pixel",
-    )
     protocol = hist2st()
-    model = DiffBulkStage1(edm, GeneEncoderConfig(dim=32, heads=4, layers=1))
+    model = DiffBulkStage1(tiny_pixel_edm, GeneEncoderConfig(dim=32, heads=4, layers=1))
     model.gene_encoder.add_genes(protocol.genes)
     with torch.no_grad():  # a condition strong enough to show in a random model's drawings
         model.gene_encoder.embedding.mul_(50)

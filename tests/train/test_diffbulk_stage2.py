@@ -13,36 +13,23 @@ import torch
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.models.checkpoint import load_checkpoint
 from napari_genemap.models.diffbulk import DiffBulkStage1, load_stage1, save_stage1
-from napari_genemap.models.edm import preset
 from napari_genemap.models.gene_encoder import GeneEncoderConfig
 from napari_genemap.train.stages import stage_named, write_config
 
 TILE_UM = 64.0  # 16 px at the small PixNet's 4 µm/px: stage 1's own scale
 
 
-def _save_stage1(folder: Path, tile_um: float) -> Path:
+def _save_stage1(folder: Path, tile_um: float, edm) -> Path:
     """A random pixel-space stage 1 with 16 px tiles of ``tile_um``, saved in stage 1's own format."""
     torch.manual_seed(0)
-    edm = preset(
-        "cpu-small",
-        in_channels=3,
-        sample_size=16,
-        block_out_channels=(16, 32),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
-        norm_num_groups=8,
-        attention_head_dim=8,
-        space="pixel",
-    )
     model = DiffBulkStage1(edm, GeneEncoderConfig(dim=32, heads=4, layers=1))
     tile = {"tile_um": tile_um, "tile_px": model.tile_px, "mpp": tile_um / model.tile_px}
     return save_stage1(folder / "checkpoint", model, tile=tile, metrics={"step": 1})
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory) -> Path:
-    return _save_stage1(tmp_path_factory.mktemp("stage1"), TILE_UM)
+def stage1(tmp_path_factory, tiny_pixel_edm) -> Path:
+    return _save_stage1(tmp_path_factory.mktemp("stage1"), TILE_UM, tiny_pixel_edm)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +109,7 @@ def test_a_missing_stage1_is_refused_in_one_line_before_a_process_starts(tmp_pat
     assert stage.makes_gene_maps  # its checkpoints are offered to Slide & model
 
 
-def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, pathology, tmp_path):
+def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, pathology, tmp_path, tiny_pixel_edm):
     from napari_genemap.errors import GenemapDataWarning
     from napari_genemap.train.diffbulk_stage2 import DiffBulkStage2Config, build_stage2_model
 
@@ -134,7 +121,7 @@ def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, patholo
     config.mpp = 2.0
     with pytest.raises(GenemapInputError, match="PixNet works at 4.0 µm/px; the config asks 2.0"):
         build_stage2_model(config)
-    coarse = _save_stage1(tmp_path, 256.0)  # 16 px tiles of 256 µm: 64 px at 4 µm/px, resampled to 16
+    coarse = _save_stage1(tmp_path, 256.0, tiny_pixel_edm)  # 16 px tiles of 256 µm: 64 px at 4 µm/px, resampled to 16
     config.stage1, config.mpp, config.window = str(coarse), 4.0, 96
     with pytest.raises(GenemapInputError, match="window 96 px: expected a multiple of 64"):
         build_stage2_model(config)

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.models.checkpoint import read_checkpoint_config, save_checkpoint
 from napari_genemap.widgets.slide_model import model_card_text
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_diffbulk_dense import GENES, tiny_dense  # noqa: E402 - the tiny dense model of the model tests
+GENES = ("g0", "g1", "g2")
 
 
-def test_the_card_of_a_diffbulk_dense_checkpoint_says_what_it_is(tmp_path, random_checkpoint):
+def test_the_card_of_a_diffbulk_dense_checkpoint_says_what_it_is(tmp_path, random_checkpoint, tiny_dense):
     model, _ = tiny_dense()
     protocol = Protocol("test", GENES, target_sum=1e4, log="ln")
     folder = save_checkpoint(tmp_path / "dense", model, protocol=protocol, mpp=4.0, window=128)
