@@ -104,7 +104,6 @@ def cmd_demo(args) -> int:
 def cmd_train(args) -> int:
     """Train in this process; SIGINT/SIGTERM stop after the current step, keeping the best checkpoint."""
     import json
-    import os
     import signal
 
     from tqdm import tqdm
@@ -126,8 +125,9 @@ def cmd_train(args) -> int:
         signum: signal.signal(signum, lambda *_: stop.append(True)) for signum in (signal.SIGINT, signal.SIGTERM)
     }
 
-    # under torchrun only rank 0 reports (the others compute their shards of each batch)
-    reporting = os.environ.get("RANK", "0") == "0"
+    from .train.distributed import environment_ranks
+
+    reporting = environment_ranks().main  # under torchrun only rank 0 reports; the others compute shards
 
     def emit(event: dict) -> None:  # machine-readable progress for the napari training panel and pipelines
         if reporting:

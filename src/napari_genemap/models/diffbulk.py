@@ -40,7 +40,7 @@ from .diffbulk_format import (  # noqa: F401 - the format's names, re-exported w
     checkpoint_folder,
     read_stage1_config,
 )
-from .edm import EDMConfig, EDMDenoiser, heun_sample
+from .edm import EDMConfig, EDMDenoiser, edm_loss, heun_sample
 from .gene_encoder import GeneEncoder, GeneEncoderConfig
 
 STATE_TENSORS = "training_state.safetensors"
@@ -139,6 +139,38 @@ class DiffBulkStage1(nn.Module):
         unconditioned when ``condition`` is None, with classifier-free guidance ``guidance`` otherwise."""
         x = heun_sample(self.denoiser, noise, condition, steps=steps, guidance=guidance, progress=progress)
         return self.latent.from_diffusion(x)
+
+
+class Stage1Objective(nn.Module):
+    """Stage 1's training loss on a batch (or a rank's shard of one) whose random choices were drawn
+    beforehand (tiles, masking switch, gene subsets, sigmas, noise): the module DistributedDataParallel wraps.
+
+    Kept and dropped samples go through `edm_loss` as two sub-batches (the gene encoder runs on the kept ones
+    only; the U-Net has GroupNorm only, so the split changes no sample's output); the loss is their
+    sample-weighted mean. Returns the loss and each sample's lambda-weighted MSE."""
+
+    def __init__(self, model: DiffBulkStage1):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        stored: torch.Tensor,
+        keep: torch.Tensor,
+        sigma: torch.Tensor,
+        noise: torch.Tensor,
+        panels: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.model.latent.to_diffusion(stored)
+        denoiser = self.model.denoiser
+        parts = []
+        if bool(keep.any()):
+            condition = self.model.gene_encoder(*panels)
+            parts.append(edm_loss(denoiser, x[keep], condition, sigma=sigma[keep], noise=noise[keep], p_drop=0))
+        if not bool(keep.all()):
+            parts.append(edm_loss(denoiser, x[~keep], None, sigma=sigma[~keep], noise=noise[~keep], p_drop=0))
+        loss = cast(torch.Tensor, sum(part.loss * len(part.sigma) for part in parts)) / len(x)
+        return loss, torch.cat([part.weighted_mse for part in parts])
 
 
 @dataclass

@@ -31,7 +31,8 @@ def to_input(pixels: np.ndarray, device: str | torch.device | None = None) -> to
 
 @torch.inference_mode()
 def predict_map(model, image: np.ndarray) -> np.ndarray:
-    """Density (genes, ceil(H/32)*32/stride, ...) of an (H, W, 3) uint8 image at the model's µm/px.
+    """Density (genes, ceil(H/m)*m/stride, ...) of an (H, W, 3) uint8 image at the model's µm/px
+    (m: the model's input multiple).
 
     The image is padded by reflection to a multiple of the model's input multiple (32 px for PixNet) at the
     bottom and right; the map covers the padded image, so map pixel (i, j) still covers image pixels

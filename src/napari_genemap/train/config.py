@@ -44,13 +44,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GenemapInputError(f"{source}: unknown field {unknown[0]!r}; expected one of {sorted(known)}")
-        for required in ("slides", "out"):
-            if required not in data:
-                raise GenemapInputError(f"{source}: field {required!r} is missing")
+        check_fields(cls, data, source)
         config = cls(**data)
         config.check(source)
         return config
@@ -70,6 +64,20 @@ class TrainConfig:
         check_device_name(self.device, f"{source}: device")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
+
+
+def check_fields(config_class: type, data: object, source: str) -> None:
+    """Refuse, in one line naming ``source``, a training config table that is not a table, names a field
+    ``config_class`` does not have, or lacks ``slides`` or ``out``."""
+    if not isinstance(data, dict):
+        raise GenemapInputError(f"{source}: expected a table of settings")
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GenemapInputError(f"{source}: unknown field {unknown[0]!r}; expected one of {sorted(known)}")
+    for required in ("slides", "out"):
+        if required not in data:
+            raise GenemapInputError(f"{source}: field {required!r} is missing")
 
 
 def read_config_file(path: Path) -> dict:

@@ -48,7 +48,7 @@ import numpy as np
 from ..device import check_device_name
 from ..errors import GenemapInputError
 from . import distributed
-from .config import read_config_file, resolve_paths, slide_name
+from .config import check_fields, read_config_file, resolve_paths, slide_name
 
 if TYPE_CHECKING:
     from ..data.protocols import Protocol
@@ -110,15 +110,7 @@ class DiffBulkStage1Config:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> DiffBulkStage1Config:
-        if not isinstance(data, dict):
-            raise GenemapInputError(f"{source}: expected a table of settings")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise GenemapInputError(f"{source}: unknown field {unknown[0]!r}; expected one of {sorted(known)}")
-        for required in ("slides", "out"):
-            if required not in data:
-                raise GenemapInputError(f"{source}: field {required!r} is missing")
+        check_fields(cls, data, source)
         for f in fields(cls):
             if f.name in data:
                 _check_type(f.name, str(f.type), data[f.name], source)
@@ -432,14 +424,15 @@ def train_diffbulk_stage1(
     check_set = _validation_set(valid_sets or train_sets, config.validation_tiles)
     preview = _preview_tile(config, valid_sets or train_sets)
 
-    objective = _objective_class()(model)
+    from ..models.diffbulk import Stage1Objective
+
+    objective: torch.nn.Module = Stage1Objective(model)
     if ranks.active:  # gradients averaged over the ranks in backward; the draws are the same everywhere
         from torch.nn.parallel import DistributedDataParallel
 
         device_ids = [device.index] if device.type == "cuda" else None
-        objective = DistributedDataParallel(
-            objective, device_ids=device_ids, find_unused_parameters=True, broadcast_buffers=False
-        )
+        # unused parameters: a shard without kept samples never runs the gene encoder
+        objective = DistributedDataParallel(objective, device_ids=device_ids, find_unused_parameters=True)
     optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -566,7 +559,7 @@ class Draws:
     panels: tuple[np.ndarray, ...]  # kept samples' gene subsets (values, rows, padding), in batch order
 
 
-def _draw(config, latents, values, rows, rng, generator, device, shape) -> Draws:
+def _draw(config, latents, values, rows, rng, generator, device, edm) -> Draws:
     """Every random choice of one step, for the whole batch, from the run's two generators."""
     import torch
 
@@ -577,14 +570,13 @@ def _draw(config, latents, values, rows, rng, generator, device, shape) -> Draws
     variant = rng.integers(0, latents.shape[1], size=batch)
     keep = keep_condition(batch, config.p_drop, generator, device).cpu().numpy()
     panels = _subsets(values[index[keep]], rows, config, rng) if keep.any() else ()
-    edm = shape
     sigma = sample_sigma(batch, edm.p_mean, edm.p_std, generator, device)
     noise = torch.randn((batch, edm.in_channels, edm.sample_size, edm.sample_size), generator=generator, device=device)
     return Draws(latents[index, variant].astype(np.float32), keep, sigma, noise, panels)
 
 
 def _shard_inputs(draws: Draws, part: slice, device) -> tuple:
-    """This rank's share of the drawn batch, as the tensors `Stage1Objective` takes."""
+    """This rank's share of the drawn batch, as the tensors `models.diffbulk.Stage1Objective` takes."""
     import torch
 
     keep = draws.keep[part]
@@ -597,41 +589,6 @@ def _shard_inputs(draws: Draws, part: slice, device) -> tuple:
         draws.noise[part],
         panels,
     )
-
-
-def _objective_class():
-    """`Stage1Objective`, defined where torch is imported (the module stays torch-free for the panel)."""
-    from torch import nn
-
-    from ..models.edm import edm_loss
-
-    class Stage1Objective(nn.Module):
-        """The loss of a batch (or a rank's shard of one) whose random choices were drawn beforehand: the
-        module DistributedDataParallel wraps. Kept and dropped samples go through the loss as two
-        sub-batches (the gene encoder runs on the kept ones only); the loss is their sample-weighted mean."""
-
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, stored, keep, sigma, noise, panels):
-            import torch
-
-            x = self.model.latent.to_diffusion(stored)
-            parts = []
-            if bool(keep.any()):
-                condition = self.model.gene_encoder(*panels)
-                parts.append(
-                    edm_loss(self.model.denoiser, x[keep], condition, sigma=sigma[keep], noise=noise[keep], p_drop=0)
-                )
-            if not bool(keep.all()):
-                parts.append(
-                    edm_loss(self.model.denoiser, x[~keep], None, sigma=sigma[~keep], noise=noise[~keep], p_drop=0)
-                )
-            loss = sum(part.loss * len(part.sigma) for part in parts) / len(x)
-            return loss, torch.cat([part.weighted_mse for part in parts])
-
-    return Stage1Objective
 
 
 def _subsets(values: np.ndarray, rows: np.ndarray, config: DiffBulkStage1Config, rng) -> tuple[np.ndarray, ...]:

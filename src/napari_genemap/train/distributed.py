@@ -68,16 +68,24 @@ class Ranks:
             dist.barrier()
 
 
-def start(device, batch: int) -> Ranks:
-    """Join torchrun's process group when launched by it (``device``: this process's torch device, moved to
-    its own GPU on CUDA); ``batch`` must split evenly over the ranks."""
+def environment_ranks() -> Ranks:
+    """This process's place as torchrun's environment variables say (no process group is joined)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Ranks()
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def start(device, batch: int) -> Ranks:
+    """Join torchrun's process group when launched by it (``device``: this process's torch device, moved to
+    its own GPU on CUDA); ``batch`` must split evenly over the ranks."""
+    ranks = environment_ranks()
+    if not ranks.active:
+        return ranks
     import torch
     import torch.distributed as dist
 
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    world = ranks.world
     if batch % world:
         raise GenemapInputError(f"batch {batch} does not split over {world} processes; use a multiple of {world}")
     if not dist.is_initialized():
@@ -97,8 +105,11 @@ def device_for(device, ranks: Ranks):
 
 
 def stop(ranks: Ranks) -> None:
+    """Leave the process group together: the others wait while rank 0 validates and saves, so none exits
+    (closing its connections) while another still talks to it."""
     if ranks.active:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
