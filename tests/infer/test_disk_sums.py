@@ -81,6 +81,23 @@ def test_streamed_integrals_equal_the_closed_form_on_a_prediction_store(store):
         assert (got[-3:-1] == 0).all()
 
 
+def test_products_split_across_threads_stay_exact(store, monkeypatch):
+    """Large batches are summed in one span of disks per thread (each setting its home disks' rows and
+    adding to its guests'): forced here for every batch, with three threads, so spans are uneven and
+    regions of 5 pixels give every span guests."""
+    monkeypatch.setattr(disk_sums, "SPLIT_TERMS", 1)
+    monkeypatch.setattr(disk_sums, "GEOMETRY_THREADS", 3)
+    source = read_prediction(store)
+    height, width = source.shape
+    centers, radii = circles(height, width, source.chunks[0], seed=3)
+    reference = exact(source.read(0, height, 0, width, slice(None)), centers, radii)
+    for chunks, side in ((source.chunks, disk_sums.REGION_SIDE), (None, 5)):
+        got = disk_sums.integrate_disks(
+            source.read, source.shape, len(source.genes), centers, radii, chunks, None, side
+        )
+        assert_exact(got, reference)
+
+
 def test_aggregate_circles_layer_is_the_exact_integral(store):
     source = read_prediction(store)
     height, width = source.shape

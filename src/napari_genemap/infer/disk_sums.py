@@ -18,8 +18,9 @@ How, and why this way (measured on the bundled sample's 176 x 176 x 785-gene map
   being added, so with a map that is >= 0 nothing cancels and float32 tables stay within ~1e-6 relative.
 - The integral of every disk is then a weighted sum of rows of one table (pixels, dyadic sums) x genes:
   one sparse matrix (disks x table rows, ~110 terms per disk for radii of 1-25 map pixels) times the table,
-  scipy.sparse's CSR product. `torch.nn.functional.embedding_bag` computes the same with FBGEMM on several
-  threads: as fast for 10^4 disks (0.65 s), 0.8 s faster for 10^5 (2.6 s against 3.4 s, two cores), but
+  scipy.sparse's CSR product, which releases the GIL: a large batch is split into one span of disks per
+  thread (10^5 disks: 2.15 s against 2.9 s in one product, two cores). `torch.nn.functional.embedding_bag`
+  computes the same with FBGEMM on several threads (0.8 s faster than one product for 10^5 disks), but
   importing torch costs 1.2 s, more than it saves in `genemap aggregate`, and the viewer's tile service
   runs its model without torch (`infer.backends`). The weights are built with vectorised numpy in batches
   small enough to stay in cache, on two threads.
@@ -56,9 +57,13 @@ TABLE_BUDGET_BYTES = 64 * 2**20
 MAX_TERMS = 2**25
 #: widest region whose runs' dyadic decompositions are tabulated (width² / 2 runs; wider ones are computed)
 DYADIC_LOOKUP_WIDTH = 512
+#: fewest weight terms whose product is split across the pool's threads; below, a gene group's product
+#: takes about as long as reading the next group (the reader's thread, on the other core), so splitting it
+#: measured slower (10^4 disks, ~10^6 terms: 0.55 s against 0.49 s; 10^5: 2.0 s against 2.6 s)
+SPLIT_TERMS = 2**22
 #: result rows put into the output at once (a temporary below 4 MB)
 SUM_ROWS = 4096
-#: threads building the weights
+#: threads building the weights and summing the products (the pool's size)
 GEOMETRY_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: disks whose weights are built in one vectorised batch (arrays stay in cache)
 BATCH_DISKS = 2048
@@ -402,7 +407,7 @@ def _integrate_region(read: Reader, box, n_genes: int, cx, cy, radius, disks, ow
         held += len(parts[-1].rim_rows) + len(parts[-1].run_rows)
         stop = min(len(radius), start + BATCH_DISKS)
         if held >= MAX_TERMS or stop == len(radius):
-            _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, reader)
+            _apply(read, box, n_genes, parts, disks[done:stop], max(0, owned - done), out, pool, reader)
             parts, held, done = [], 0, stop
 
 
@@ -424,10 +429,11 @@ def _joined(parts: list[DiskTerms], rows: str, offsets: str) -> tuple[np.ndarray
     return all_rows, all_offsets
 
 
-def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reader=None) -> None:
+def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, pool=None, reader=None) -> None:
     """Sum the terms of ``parts`` over every gene group of ``box`` into ``out[disks]``: set for the first
-    ``owned`` disks, added for the rest. With a ``reader`` (thread), each next gene group is read while
-    one is summed."""
+    ``owned`` disks, added for the rest. Large batches are split into one span of disks per ``pool`` thread,
+    each span's product and writes done in its thread (scipy's product releases the GIL: 10^5 disks took
+    1.3 s on one core of two); with a ``reader`` (thread), each next gene group is read while one is summed."""
     from scipy import sparse
 
     i0, i1, j0, j1 = box
@@ -443,27 +449,26 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
         (np.ones(len(run_rows), np.float32), run_rows, run_offsets), shape=shape
     )
     owned = min(owned, len(disks))
-    # results come in Z-order; written in the output's row order (page after page, not a random row each
-    # time: 10^5 random rows of a 0.3 GB table cost ~10x more), as one slice when the rows are consecutive
-    order = np.argsort(disks[:owned], kind="stable")
-    own_rows = disks[:owned][order]
-    if owned and own_rows[-1] - own_rows[0] == owned - 1:
-        own_rows = slice(int(own_rows[0]), int(own_rows[0]) + owned)
+    threads = GEOMETRY_THREADS if pool is not None and terms.nnz >= SPLIT_TERMS else 1
+    # owned disks are split by output row (each span then writes a band of the output, one slice when the
+    # rows are consecutive), guests evenly; within a span the Z-order is kept
+    by_row = np.array_split(np.argsort(disks[:owned], kind="stable"), threads)
+    guests = np.array_split(np.arange(owned, len(disks)), threads)
+    spans = []
+    for own, guest in zip(by_row, guests):
+        at = np.concatenate([np.sort(own), guest])
+        spans.append(_Span(terms[at] if threads > 1 else terms, disks[at], len(own)))
     buffer = np.empty(table_rows * step, np.float32)
 
     def add(genes: slice, block) -> None:
-        # temporaries stay below numpy's huge-page size (4 MB): fresh huge pages are zeroed on every allocation
-        reuse = buffer[: table_rows * (genes.stop - genes.start)].reshape(table_rows, -1)
-        values = np.asarray(terms @ build_table(np.asarray(block), reuse), np.float32)
-        for lo in range(0, owned, SUM_ROWS):
-            rows = (
-                own_rows[lo : lo + SUM_ROWS]
-                if isinstance(own_rows, np.ndarray)
-                else slice(own_rows.start + lo, min(own_rows.stop, own_rows.start + lo + SUM_ROWS))
-            )
-            out[rows, genes] = values[order[lo : lo + SUM_ROWS]]
-        if owned < len(disks):
-            out[disks[owned:], genes] += values[owned:]
+        table = build_table(
+            np.asarray(block), buffer[: table_rows * (genes.stop - genes.start)].reshape(table_rows, -1)
+        )
+        if len(spans) == 1:
+            spans[0].add(table, genes, out)
+        else:
+            for done in [pool.submit(span.add, table, genes, out) for span in spans]:
+                done.result()
 
     if reader is None:
         for genes in groups:
@@ -476,3 +481,31 @@ def _apply(read: Reader, box, n_genes: int, parts, disks, owned: int, out, reade
         if number + 1 < len(groups):
             ahead = reader.submit(read, i0, i1, j0, j1, groups[number + 1])
         add(genes, block)
+
+
+class _Span:
+    """A share of the disks of one `_apply` batch (their rows of its sparse terms), summed in one thread: the
+    first ``owned`` are set in the output, the rest added. Disks are unique within a batch, so spans never
+    write the same output rows."""
+
+    def __init__(self, terms, disks: np.ndarray, owned: int) -> None:
+        self.terms, self.disks, self.owned = terms, disks, owned
+        # results come in Z-order; written in the output's row order (page after page, not a random row each
+        # time: 10^5 random rows of a 0.3 GB table cost ~10x more), as one slice when the rows are consecutive
+        self.order = np.argsort(disks[:owned], kind="stable")
+        rows = disks[:owned][self.order]
+        consecutive = owned and rows[-1] - rows[0] == owned - 1
+        self.rows: np.ndarray | slice = slice(int(rows[0]), int(rows[0]) + owned) if consecutive else rows
+
+    def add(self, table: np.ndarray, genes: slice, out: np.ndarray) -> None:
+        values = np.asarray(self.terms @ table, np.float32)
+        for lo in range(0, self.owned, SUM_ROWS):
+            # temporaries stay below numpy's huge-page size (4 MB): fresh huge pages are zeroed on every allocation
+            rows = (
+                self.rows[lo : lo + SUM_ROWS]
+                if isinstance(self.rows, np.ndarray)
+                else slice(self.rows.start + lo, min(self.rows.stop, self.rows.start + lo + SUM_ROWS))
+            )
+            out[rows, genes] = values[self.order[lo : lo + SUM_ROWS]]
+        if self.owned < len(self.disks):
+            out[self.disks[self.owned :], genes] += values[self.owned :]
