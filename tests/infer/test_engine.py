@@ -8,7 +8,7 @@ import torch
 
 from napari_genemap.data.protocols import Protocol
 from napari_genemap.errors import GenemapInputError
-from napari_genemap.infer.cache import GeneMapCache, any_downsample
+from napari_genemap.infer.cache import GeneMapCache, any_downsample, genes_per_chunk
 from napari_genemap.infer.engine import TileEngine, map_tissue, mean_downsample
 from napari_genemap.infer.grid import TileGrid
 from napari_genemap.infer.lazy import gene_pyramid, level_array
@@ -62,6 +62,14 @@ def test_cache_holds_tiles_and_coarser_levels_are_means(engine):
     again = engine.read(0, 3, 9, 3, 9)
     assert engine.stats["predicted"] == 36  # read from the cache, not recomputed
     np.testing.assert_array_equal(again, level0[:, 3:9, 3:9].astype(np.float16))
+    n_genes = len(engine.genes)
+    assert engine.cache.arrays[0].chunks == (genes_per_chunk(n_genes), 64 // grid.stride, 64 // grid.stride)
+
+
+def test_a_tile_is_written_in_chunks_of_several_genes():
+    """Fewer, larger chunks per tile (zarr's per-chunk work dominated writing a tile): the largest divisor
+    of the gene count up to 8, since a shard holds every gene."""
+    assert [genes_per_chunk(n) for n in (1, 7, 50, 64, 300, 785, 787)] == [1, 7, 5, 8, 6, 5, 1]
 
 
 def test_coarser_levels_come_from_the_finer_level(sample_slide, tmp_path):

@@ -1,9 +1,10 @@
 """The gene-map cache: one zarr v3 store per (slide, model, settings), signed so a stale one is never read.
 
 Layout: ``level{L}`` arrays of shape (genes, rows, columns), float16, one shard per tile holding
-(genes, C, C) with inner chunks (1, C, C) (C = the tile's side in map pixels), so showing one gene reads
-one inner chunk per tile and a tile is written as one file. zarr's local store writes each file to a
-temporary name and renames it, so a tile's shard is either whole or absent.
+(genes, C, C) with inner chunks (k, C, C) (C = the tile's side in map pixels; k = `genes_per_chunk`, 5
+for 785 genes), so showing one gene reads one inner chunk per tile and a tile is written as one file.
+zarr's local store writes each file to a temporary name and renames it, so a tile's shard is either whole
+or absent.
 
 "Done" is an empty marker file ``level{L}/done/{row}-{column}`` written after the tile's data, not the
 shard's existence: zarr writes no shard for a tile that is all fill value (glass, written as zeros), so
@@ -54,7 +55,17 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 4  # 2: the grid in the attributes (viewers open a store without the model); 3: done markers,
 # tissue; 4: crc32c-checksummed chunks (older stores are ignored: their signature, so their name, differs)
 DTYPE = "float16"
+#: most genes in one inner chunk. A tile is written faster in fewer, larger chunks (785 genes of 176 x 176
+#: map pixels: 0.28 s in chunks of 5 genes against 0.46 s in chunks of 1, zarr's per-chunk work); showing
+#: one gene decodes its chunk's other genes too (1.6 ms a tile against 1.2 ms)
+MAX_GENES_PER_CHUNK = 8
 CLAIM_STALE_SECONDS = 30 * 60  # a claim from another host (whose pid cannot be checked) is taken over after this
+
+
+def genes_per_chunk(n_genes: int) -> int:
+    """Genes in one inner chunk: the largest divisor of ``n_genes`` up to `MAX_GENES_PER_CHUNK` (a shard
+    holds all genes, so its inner chunks must divide them)."""
+    return max(k for k in range(1, min(MAX_GENES_PER_CHUNK, max(1, n_genes)) + 1) if n_genes % k == 0)
 
 
 def slide_identity(sdata) -> dict:
@@ -190,7 +201,7 @@ class GeneMapCache:
             group.create_array(
                 f"level{level}",
                 shape=(len(self.genes), *self.grid.map_shape(level)),
-                chunks=(1, side, side),
+                chunks=(genes_per_chunk(len(self.genes)), side, side),
                 shards=(len(self.genes), side, side),
                 dtype=DTYPE,
                 compressors=(ZstdCodec(), Crc32cCodec()),  # the checksum covers the compressed bytes
