@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .explore.genes import log_normalised
@@ -46,6 +47,15 @@ def find_layers(layers, element: str, gene: str | None = None, slide: str | None
         if (gene is None or info.get("gene") == gene) and (slide is None or info.get("slide") == slide):
             found.append(layer)
     return found
+
+
+def view_corners(layer):
+    """The part of a (multiscale) layer in view: (2, 2) array of its top-left and bottom-right corners as
+    (y, x) in world units (µm), from the corner pixels of the level napari shows."""
+    level = layer.data_level
+    corners = np.asarray(layer.corner_pixels, float)[:, -2:] * np.asarray(layer.downsample_factors[level])[-2:]
+    corners[1] += 1  # corner_pixels are inclusive
+    return corners * np.asarray(layer.scale)[-2:] + np.asarray(layer.translate)[-2:]
 
 
 def slide_name(sdata) -> str:

@@ -272,9 +272,14 @@ def test_a_service_that_dies_is_reported_once_and_closes_at_once(tmp_path):
     spec = EngineSpec(
         slide=str(sample_root()), section=SECTION, checkpoint=str(shipped_checkpoint()), cache_root=str(tmp_path)
     )
+    earlier = {p.pid for p in psutil.Process().children()}  # an earlier test's killed service may be still exiting
     service = TileService(spec)
     try:
-        (child,) = [p for p in psutil.Process().children() if "napari_genemap.infer.service" in p.cmdline()]
+        (child,) = [
+            p
+            for p in psutil.Process().children()
+            if p.pid not in earlier and "napari_genemap.infer.service" in p.cmdline()
+        ]
         child.send_signal(signal.SIGKILL)
         service.want([(0, 0, 0)])  # goes nowhere, blocks nothing
         events, deadline = [], time.monotonic() + 30

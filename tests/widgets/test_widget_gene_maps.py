@@ -117,6 +117,21 @@ def ready_panels(viewer_with_sample, qtbot):
     return viewer, slide_widget, maps
 
 
+def test_the_view_is_predicted_as_soon_as_the_model_is_ready_before_any_gene(ready_panels, qtbot):
+    """One model call makes every gene, so the panel asks for the H&E's view once the model is ready: the
+    first gene chosen then shows from the cache, with no model call left to wait for."""
+    viewer, slide_widget, maps = ready_panels
+    cache = slide_widget.session.cache
+    assert not maps.gene_layers()
+    assert maps.slide_view_plan(cache)[0] == (0, 0, 0)  # the sample is one tile
+    viewer.layers["B4_crop H&E"].visible = False
+    assert maps.slide_view_plan(cache) == []  # nothing in view to ask for
+    viewer.layers["B4_crop H&E"].visible = True
+    qtbot.waitUntil(lambda: cache.has(0, 0, 0), timeout=120_000)
+    layer = maps.add_gene("KRT8")
+    qtbot.waitUntil(lambda: np.isfinite(layer._slicing_state._slice.image.raw).all(), timeout=10_000)
+
+
 def _predicted(maps, qtbot) -> None:
     qtbot.waitUntil(lambda: maps.status.text() == "view predicted", timeout=180_000)
 

@@ -14,6 +14,7 @@ import numpy as np
 from qtpy.QtCore import QTimer
 
 from ..evaluate.in_view import MIN_SPOTS, InViewPearson, in_view_pearson, spots_in_view
+from ..layers import view_corners
 from ._qt import wrapped_label
 from .session import Session
 
@@ -90,11 +91,5 @@ class PearsonLine:
 
 def _view_in(gene_layer, other) -> tuple[np.ndarray, np.ndarray]:
     """The gene layer's view (its corner pixels at the shown level) in ``other``'s data coordinates."""
-    level = gene_layer.data_level
-    corners = (
-        np.asarray(gene_layer.corner_pixels, float)[:, -2:] * np.asarray(gene_layer.downsample_factors[level])[-2:]
-    )
-    corners[1] += 1  # corner_pixels are inclusive
-    world = corners * np.asarray(gene_layer.scale)[-2:] + np.asarray(gene_layer.translate)[-2:]
-    local = (world - np.asarray(other.translate)[-2:]) / np.asarray(other.scale)[-2:]
+    local = (view_corners(gene_layer) - np.asarray(other.translate)[-2:]) / np.asarray(other.scale)[-2:]
     return local[0], local[1]

@@ -4,7 +4,7 @@ Displays and forwards: the layers come from `layers` (`gene_map_layer`, `measure
 list from `explore.genes`, the contrast from `_contrast.MapContrast`, the Pearson line from
 `_pearson_line.PearsonLine`, the tiles to ask for from `infer.view`, and the model runs in the session's tile
 service. After every camera move (throttled) the panel asks for the view's tiles and re-reads contrast and
-Pearson.
+Pearson; once the model is ready, before any gene is chosen, it asks for the H&E's view.
 
 A gene layer belongs to one slide and one model (its name says the model, its metadata the slide, model
 and cache). When the model changes, the active slide's layers are rebuilt from the new model's cache; when
@@ -19,14 +19,17 @@ from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPush
 
 from ..explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from ..infer.view import progress_text, view_plan
+from ..io import slide_info
 from ..layers import (
     GENE_MAP,
+    HE,
     MEASURED_ON_MAP,
     find_layers,
     gene_map_layer,
     map_legend,
     measured_on_map_layer,
     show_only_slide,
+    view_corners,
 )
 from ._contrast import MapContrast
 from ._pearson_line import PearsonLine
@@ -186,7 +189,7 @@ class GeneMapsWidget(QWidget):
         rebuilt, dropped = self._rebuild_layers(cache)
         self.status.setText(model_ready_note(self.session.model_name, len(cache.genes), rebuilt, dropped))
         self._update_legend()
-        self._view_changed()
+        self.request_view()  # at once, not throttled: the model is idle until it is asked
 
     def _rebuild_layers(self, cache) -> tuple[list[str], list[str]]:
         """Re-make, in place, the active slide's gene layers another model (another cache) drew; drop those
@@ -231,10 +234,26 @@ class GeneMapsWidget(QWidget):
         (i0, j0), (i1, j1) = np.asarray(layer.corner_pixels)[:, -2:]
         return int(layer.data_level), (int(i0), int(i1) + 1, int(j0), int(j1) + 1)
 
+    def slide_view_plan(self, cache) -> list:
+        """The level-0 tiles (then coarser) of the active slide's H&E in view, nearest its centre first."""
+        images = [
+            layer for layer in find_layers(self.viewer.layers, HE) if layer.metadata.get("sdata") is self.session.slide
+        ]
+        if not images or not images[0].visible:
+            return []
+        (y0, x0), (y1, x1) = cache.grid.slide_to_map(view_corners(images[0]) / slide_info(self.session.slide)["mpp"])
+        box = (int(np.floor(y0)), int(np.ceil(y1)), int(np.floor(x0)), int(np.ceil(x1)))
+        return view_plan(cache, 0, box, ring=0)
+
     def request_view(self) -> None:
         """Ask the service for the tiles of the current view (replacing what it was asked before)."""
         cache = self.session.cache
         if cache is None:
+            return
+        if not self.gene_layers(slide=self.session.slide_key):
+            # no gene chosen yet on this slide: predict the H&E's view anyway (one model call makes every
+            # gene), so the first gene chosen shows at once; the tiles are the ones its layer will ask for
+            self.session.want(self.slide_view_plan(cache))
             return
         layer = self.active_gene_layer()
         if layer is None or layer.metadata["genemap"]["cache"] != str(cache.path):
