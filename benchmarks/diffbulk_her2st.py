@@ -100,7 +100,9 @@ def run_fold(args) -> dict:
         print(test, "PixNet", result["rows"]["PixNet (the start)"], flush=True)
     for variant in args.variants:
         name = f"stage 2, {variant}" + (f", seed {args.seed}" if args.seed else "")
-        out = args.out / f"stage2-{test}-{variant}-seed{args.seed}"
+        name += f", f from {args.stage1_tag}" if args.stage1_tag and variant != "pathology" else ""
+        tag = f"-{args.stage1_tag.replace(' ', '')}" if args.stage1_tag else ""
+        out = args.out / f"stage2-{test}-{variant}-seed{args.seed}{tag}"
         config = DiffBulkStage2Config(
             slides=[{"path": str(DATA), "section": s} for s in training],
             out=str(out),
@@ -126,6 +128,7 @@ def run_fold(args) -> dict:
         prediction = predict_measured_spots(model, test_sdata, args.out / "cache")
         result["rows"][name] = {
             **score(prediction.X, truth),
+            "stage1": str(args.stage1),
             "seconds_train": train_seconds,
             "seconds_predict": time.perf_counter() - started,
         }
@@ -291,6 +294,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0, help="stage 2's seed (windows, augmentation); rows keep it")
+    parser.add_argument(
+        "--stage1-tag", default="", help="names a stage-1 ablation in the rows (e.g. 'p = 1'), so rows stay apart"
+    )
     parser.add_argument("--skip-start", action="store_true", help="do not re-score the fold's PixNet")
     parser.add_argument("--out", type=Path, default=Path("/tmp/diffbulk_her2st"))
     parser.add_argument("--table", action="store_true", help="print the finished folds and stop")
