@@ -9,7 +9,11 @@ three ways with the same seed, steps, windows and learning rate, from the same P
 
 - **both**: p (the PixNet, fine-tuned) fused with f (the frozen U-Net's features): DiffBulk's stage 2, dense;
 - **pathology**: p alone, trained exactly the same way (the control: what more training alone gives);
-- **diffusion**: f alone through the same fusion (p = 0).
+- **diffusion**: f alone through the same fusion (p = 0);
+- **pooled** and **pooled-pathology**: the published head, one vector per tile of stage 1's size centred on
+  each spot (p and f averaged over the tile, fused, a linear head to the expression, MSE), and its p-alone
+  control; scored on the test section's spot-centred tiles (``--pooled-batch`` tiles a step: as many pixels
+  as the dense variants' windows).
 
 No validation section: the last step is kept for every variant (nothing is chosen on the test section).
 Each model predicts the test section's whole dense map through the tile engine (the path of ``genemap
@@ -45,7 +49,7 @@ ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parents[1] / "shared" / "data" / "her2st"
 RESULTS = ROOT / "results"
 SECTIONS = ("B4", "C2", "C3", "C4", "C5")
-VARIANTS = ("both", "pathology", "diffusion")
+VARIANTS = ("both", "pathology", "diffusion", "pooled", "pooled-pathology")
 
 
 def global_pcc(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -67,10 +71,11 @@ def score(prediction: np.ndarray, truth: np.ndarray) -> dict:
 
 def run_fold(args) -> dict:
     from napari_genemap.data.protocols import hist2st
-    from napari_genemap.data.windows import load_training_slide
+    from napari_genemap.data.windows import load_training_slide, spot_crops
     from napari_genemap.infer.aggregate import predict_measured_spots
     from napari_genemap.io import read_slide
     from napari_genemap.models.checkpoint import load_checkpoint
+    from napari_genemap.models.diffbulk_pooled import predict_tiles
     from napari_genemap.train.diffbulk_stage2 import DiffBulkStage2Config, train_diffbulk_stage2
 
     test = args.fold
@@ -83,7 +88,8 @@ def run_fold(args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the readers' notes on dropped spots are checked in the tests
         test_sdata = read_slide(DATA, section=test)
-        truth = load_training_slide(test_sdata, protocol, pixnet.mpp, test).targets
+        test_slide = load_training_slide(test_sdata, protocol, pixnet.mpp, test)
+    truth = test_slide.targets
     result: dict = {
         "fold": test,
         "training": training,
@@ -99,6 +105,7 @@ def run_fold(args) -> dict:
         result["rows"]["PixNet (the start)"] = {**score(prediction.X, truth), "seconds_predict": seconds}
         print(test, "PixNet", result["rows"]["PixNet (the start)"], flush=True)
     for variant in args.variants:
+        pooled = variant.startswith("pooled")
         name = f"stage 2, {variant}" + (f", seed {args.seed}" if args.seed else "")
         name += f", f from {args.stage1_tag}" if args.stage1_tag and variant != "pathology" else ""
         tag = f"-{args.stage1_tag.replace(' ', '')}" if args.stage1_tag else ""
@@ -108,10 +115,11 @@ def run_fold(args) -> dict:
             out=str(out),
             stage1=str(args.stage1),
             pathology=str(args.pathology),
-            features=variant,
+            features="pathology" if variant.endswith("pathology") else "both" if pooled else variant,
+            head="pooled" if pooled else "dense",
             mpp=pixnet.mpp,
             window=args.window,
-            batch=args.batch,
+            batch=args.pooled_batch if pooled else args.batch,
             steps=args.steps,
             lr=args.lr,
             eval_every=args.steps,
@@ -125,9 +133,12 @@ def run_fold(args) -> dict:
         train_seconds = time.perf_counter() - started
         model = load_checkpoint(out)
         started = time.perf_counter()
-        prediction = predict_measured_spots(model, test_sdata, args.out / "cache")
+        if pooled:  # one tile per test spot, no tile engine: a pooled model makes no map
+            predicted = predict_tiles(model.model, spot_crops(test_slide, model.model.config.feature_tile))
+        else:
+            predicted = predict_measured_spots(model, test_sdata, args.out / "cache").X
         result["rows"][name] = {
-            **score(prediction.X, truth),
+            **score(predicted, truth),
             "stage1": str(args.stage1),
             "seconds_train": train_seconds,
             "seconds_predict": time.perf_counter() - started,
@@ -290,6 +301,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pooled-batch", type=int, default=32, help="spot tiles a step for the pooled variants")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--device", default="auto")

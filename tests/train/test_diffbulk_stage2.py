@@ -129,3 +129,61 @@ def test_stage1_tiles_off_the_model_grid_are_refused_in_one_line(stage1, patholo
     with pytest.warns(GenemapDataWarning, match="stage 1 learned 16 µm/px tiles.*tile_um = 16 x 4 = 64"):
         model, _, _ = build_stage2_model(config)
     assert model.config.feature_tile == 64
+
+
+@pytest.fixture(scope="module")
+def stage1_32(tmp_path_factory, tiny_pixel_edm) -> Path:
+    """Stage 1 with 32 px tiles of 128 µm: 32 px at the small PixNet's 4 µm/px, the pooled model's input."""
+    from dataclasses import replace
+
+    return _save_stage1(tmp_path_factory.mktemp("stage1-32"), 128.0, replace(tiny_pixel_edm, sample_size=32))
+
+
+def test_a_pooled_stage2_trains_on_spot_tiles_and_is_not_offered_as_a_gene_map(stage1_32, pathology, tmp_path, capsys):
+    from napari_genemap.infer.engine import TileEngine
+    from napari_genemap.sample import read_sample
+
+    settings = {"stage1": str(stage1_32), "pathology": str(pathology), "head": "pooled", "steps": 3, "eval_every": 3}
+    events = _run_from_cli({**settings, "device": "cpu"}, tmp_path / "pooled", capsys)
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3]
+    assert events[-1]["event"] == "done" and events[-1]["checkpoint"] == str(tmp_path / "pooled")
+
+    pooled = load_checkpoint(tmp_path / "pooled")
+    assert (
+        pooled.model_class == "DiffBulkPooled"
+        and pooled.window == 32
+        and list(pooled.genes) == ["CD74", "KRT8", "IGKC"]
+    )
+    unet = load_stage1(stage1_32).model.denoiser.state_dict()
+    for key, value in pooled.model.diffusion.denoiser.state_dict().items():
+        torch.testing.assert_close(value, unet[key], rtol=0, atol=0, msg=key)
+    assert pooled.model.fusion.project.weight.abs().max() > 0  # started at zero, trained
+    with torch.no_grad():
+        expression = pooled.model(torch.rand(2, 3, 32, 32))
+    assert expression.shape == (2, 3) and torch.isfinite(expression).all()
+    with pytest.raises(GenemapInputError, match="expected tiles of 32 x 32 px"):
+        pooled.model(torch.rand(1, 3, 64, 64))
+    with pytest.raises(GenemapInputError, match="gives one expression vector per spot-centred tile, not a gene map"):
+        TileEngine(pooled, read_sample(), tmp_path / "cache")
+    stage = stage_named("diffbulk-stage2")
+    assert not stage.offers(tmp_path / "pooled") and stage.offers(pathology)
+
+
+def test_an_untrained_pooled_model_predicts_the_mean_and_its_p_is_the_pixnet_map_averaged(tiny_dense):
+    from dataclasses import replace
+
+    from napari_genemap.models.diffbulk_pooled import DiffBulkPooled
+
+    dense, pixnet = tiny_dense()
+    mean = torch.tensor([0.5, 1.5, 3.0])
+    pooled = DiffBulkPooled(dense.config).eval()
+    pooled.start_from_pixnet(pixnet)
+    pooled.start_head(mean)
+    tiles = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(tiles), mean.expand(2, 3))  # W_p = 0, head 0: the training mean
+        control = DiffBulkPooled(replace(dense.config, features="pathology")).eval()
+        control.start_from_pixnet(pixnet)  # p's trunk and, here, PixNet's head weights
+        expected = torch.nn.functional.conv2d(pixnet.features(tiles).mean((2, 3), keepdim=True), pixnet.head.weight)
+        expected = expected[..., 0, 0] + pixnet.head.bias
+        torch.testing.assert_close(control(tiles), expected, rtol=1e-5, atol=1e-6)

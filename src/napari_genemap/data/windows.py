@@ -69,3 +69,9 @@ def crop(image: np.ndarray, x0: int, y0: int, size: int) -> np.ndarray:
     rows = reflect_index(np.arange(y0, y0 + size), height)
     columns = reflect_index(np.arange(x0, x0 + size), width)
     return image[np.ix_(rows, columns)]
+
+
+def spot_crops(slide: TrainingSlide, size: int) -> np.ndarray:
+    """Tiles (spots, size, size, 3) uint8 centred on each spot of ``slide``, mirrored at its borders."""
+    origins = np.floor(slide.centers - size / 2).astype(np.int64)
+    return np.stack([crop(slide.image, x, y, size) for x, y in origins])

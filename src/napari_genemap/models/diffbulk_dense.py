@@ -198,6 +198,12 @@ class DiffBulkDense(nn.Module):
         return f[..., left : f.shape[-2] - left, left : f.shape[-1] - left] if left else f
 
     def _tile_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        side = self.config.feature_tile // self.stride
+        return self.reducer(self.stage_maps(tiles), size=(side, side))
+
+    def stage_maps(self, tiles: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen U-Net's decoder maps of feature tiles (n, 3, T, T): resampled to stage 1's tile size,
+        TAEF2-encoded when stage 1 works in its latents, seen once at sigma 0.01 with the config's noise."""
         config = self.config
         with torch.no_grad():
             if tiles.shape[-1] != config.tile_px:
@@ -208,6 +214,4 @@ class DiffBulkDense(nn.Module):
                 stored = self.encoder_taef2(tiles) / LATENT_SCALE + LATENT_SHIFT
             else:
                 stored = tiles
-            maps = self.diffusion(config.latent.to_diffusion(stored), seed=config.seed)
-        side = config.feature_tile // self.stride
-        return self.reducer(maps, size=(side, side))
+            return self.diffusion(config.latent.to_diffusion(stored), seed=config.seed)

@@ -22,7 +22,11 @@ DEFAULT_MODEL = "PixNet"  # what a checkpoint without "model_class" holds (those
 MODELS: dict[str, str] = {
     "PixNet": "napari_genemap.models.pixnet:PixNet",
     "DiffBulkDense": "napari_genemap.models.diffbulk_dense:DiffBulkDense",
+    "DiffBulkPooled": "napari_genemap.models.diffbulk_pooled:DiffBulkPooled",
 }
+#: The classes that make gene maps (``forward(image, margin)`` -> a density map): what the tile engine runs.
+#: DiffBulk's pooled model gives one expression vector per spot-centred tile instead.
+GENE_MAP_MODELS = {"PixNet", "DiffBulkDense"}
 #: The classes whose graph `infer.backends` exports to ONNX / OpenVINO by default (measured: PixNet); the
 #: others run in torch unless a backend is asked for by name.
 EXPORTABLE = {"PixNet"}
@@ -72,10 +76,11 @@ def model_name(cls: type) -> str:
 def describe(name: str, architecture: dict) -> str:
     """A checkpoint's architecture in a few words (the model card), read from its config without torch."""
     try:
-        if "pathology" in architecture:  # DiffBulk stage 2, dense
+        if "pathology" in architecture:  # DiffBulk stage 2, dense or pooled
             pathology, edm = architecture["pathology"], architecture["edm"]
+            kind = "pooled (one vector per spot-centred tile)" if name == "DiffBulkPooled" else "dense"
             return (
-                f"DiffBulk dense: PixNet on {pathology['encoder']['name']} fused with a diffusion U-Net "
+                f"DiffBulk {kind}: PixNet on {pathology['encoder']['name']} fused with a diffusion U-Net "
                 f"{tuple(edm['block_out_channels'])} on {architecture['feature_tile']} px tiles, features "
                 f"{architecture['features']}, stride {pathology['stride']}"
             )

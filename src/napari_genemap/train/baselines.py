@@ -15,28 +15,19 @@ import torch
 from torch import nn
 
 from ..data.protocols import Protocol
-from ..data.windows import TrainingSlide, crop
+from ..data.windows import TrainingSlide, spot_crops
 from ..evaluate.metrics import summarise_unit
 from ..models.crop import CropRegressor, pooled_features
 from ..models.encoders import Encoder, EncoderConfig
 from ..models.predict import to_input
 from .losses import batch_pearson
-from .sampler import stain_jitter
+from .sampler import random_dihedral, stain_jitter
 from .schedule import warmup_cosine
 
 
-def spot_crops(slide: TrainingSlide, size: int) -> np.ndarray:
-    """(spots, 3, size, size) float32 in [0, 1], centred on each spot."""
-    origins = np.floor(slide.centers - size / 2).astype(np.int64)
-    return np.ascontiguousarray(to_input(np.stack([crop(slide.image, x, y, size) for x, y in origins])).numpy())
-
-
-def _dihedral(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    out = np.empty_like(crops)
-    for index, one in enumerate(crops):
-        one = np.rot90(one, int(rng.integers(4)), axes=(1, 2))
-        out[index] = one[:, :, ::-1] if rng.random() < 0.5 else one
-    return out
+def _inputs(crops: np.ndarray) -> np.ndarray:
+    """uint8 crops (n, S, S, 3) -> (n, 3, S, S) float32 in [0, 1], contiguous."""
+    return np.ascontiguousarray(to_input(crops).numpy())
 
 
 def train_crop_regressor(
@@ -60,7 +51,7 @@ def train_crop_regressor(
     (checked every ``eval_every`` steps), as for PixNet."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    crops = np.concatenate([spot_crops(s, size) for s in slides])
+    crops = _inputs(np.concatenate([spot_crops(s, size) for s in slides]))
     targets = torch.from_numpy(np.concatenate([s.targets for s in slides]))
     model = CropRegressor(protocol.n_genes, encoder).to(device)
     with torch.no_grad():
@@ -75,7 +66,7 @@ def train_crop_regressor(
             break
         model.train()
         index = rng.choice(len(crops), size=min(batch, len(crops)), replace=False)
-        pixels = np.stack([stain_jitter(c, rng) for c in _dihedral(crops[index], rng)])
+        pixels = np.stack([stain_jitter(c, rng) for c in random_dihedral(crops[index], rng)])
         prediction = model(torch.from_numpy(pixels).to(device))
         target = targets[index].to(device)
         loss = torch.mean((prediction - target) ** 2) + 0.5 * (1 - batch_pearson(prediction, target))
@@ -97,7 +88,7 @@ def train_crop_regressor(
 @torch.inference_mode()
 def predict_crop_regressor(model: CropRegressor, slide: TrainingSlide, size: int = 128, batch: int = 64) -> np.ndarray:
     device = next(model.parameters()).device
-    crops = spot_crops(slide, size)
+    crops = _inputs(spot_crops(slide, size))
     parts = [model(torch.from_numpy(crops[i : i + batch]).to(device)).cpu() for i in range(0, len(crops), batch)]
     return torch.cat(parts).numpy().astype(np.float64)
 
@@ -113,7 +104,7 @@ class RidgeBaseline:
         self.device = device
 
     def features(self, slide: TrainingSlide, batch: int = 64) -> np.ndarray:
-        crops = spot_crops(slide, self.size)
+        crops = _inputs(spot_crops(slide, self.size))
         parts = [
             pooled_features(self.encoder, torch.from_numpy(crops[i : i + batch]).to(self.device)).cpu()
             for i in range(0, len(crops), batch)

@@ -28,6 +28,7 @@ from .config import TrainConfig, read_config_file, resolve_paths
 
 Progress = Callable[[int, int, str], None]
 FEATURE_CHOICES = ("both", "pathology", "diffusion")  # models.diffbulk_dense's, here without torch
+HEADS = ("dense", "pooled")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DiffBulkStage2Config(TrainConfig):
     taef2: str = ""  # TAEF2's weights folder when stage 1 works in its latents; "" = the folder stage 1 used
     features: str = "both"  # "both", "pathology" (p only) or "diffusion" (f only)
     feature_width: int = 32  # channels per U-Net decoder stage after reduction
+    head: str = "dense"  # "dense" (a gene map, trained like PixNet) or "pooled" (one vector per spot tile)
     steps: int = 300
     lr: float = 2e-4
 
@@ -56,6 +58,10 @@ class DiffBulkStage2Config(TrainConfig):
             raise GenemapInputError(
                 f"{source}: field 'features' is {self.features!r}; expected one of {', '.join(FEATURE_CHOICES)}"
             )
+        if self.head not in HEADS:
+            raise GenemapInputError(f"{source}: field 'head' is {self.head!r}; expected one of {', '.join(HEADS)}")
+        if self.head == "pooled" and self.resume:
+            raise GenemapInputError(f"{source}: field 'resume': a pooled stage 2 trains in one go; remove it")
         if self.feature_width < 8:
             raise GenemapInputError(f"{source}: field 'feature_width' is {self.feature_width}; expected at least 8")
 
@@ -67,6 +73,7 @@ def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
     from ..models.checkpoint import load_checkpoint
     from ..models.diffbulk import load_stage1
     from ..models.diffbulk_dense import DiffBulkDense, DiffBulkDenseConfig
+    from ..models.diffbulk_pooled import DiffBulkPooled
     from ..models.encoders import EncoderConfig
     from ..models.pixnet import PixNet, PixNetConfig
     from ..models.taef2 import FILES, TAEF2
@@ -83,7 +90,11 @@ def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
             "expected a whole number of pixels (train stage 1 with tile_um a multiple of mpp)"
         )
     feature_tile = round(feature_tile)
-    if config.window % math.lcm(32, feature_tile):
+    if config.head == "pooled" and feature_tile % 32:
+        raise GenemapInputError(
+            f"{stage1.path}: its {feature_tile} px tiles (the pooled model's input) are not a multiple of 32 px"
+        )
+    if config.head == "dense" and config.window % math.lcm(32, feature_tile):
         raise GenemapInputError(
             f"window {config.window} px: expected a multiple of {math.lcm(32, feature_tile)} "
             f"(32 and stage 1's {feature_tile} px tiles)"
@@ -132,7 +143,7 @@ def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
         feature_width=config.feature_width,
         features=config.features,
     )
-    model = DiffBulkDense(dense_config)
+    model = (DiffBulkPooled if config.head == "pooled" else DiffBulkDense)(dense_config)
     model.start_from_pixnet(pixnet)
     taef2_state = None
     if stage1.model.latent.space == "taef2":
@@ -157,13 +168,16 @@ def train_diffbulk_stage2(
     on_metrics: Callable[[dict], None] | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> dict:
-    """Build (or resume) the dense stage-2 model and train it as `train.pixnet.train_pixnet` trains PixNet."""
+    """Build (or resume) the stage-2 model; train a dense one as `train.pixnet.train_pixnet` trains PixNet, a
+    pooled one on spot-centred tiles (`train_pooled`)."""
     from .pixnet import load_slides, mean_density, train_pixnet
 
     if config.resume:
         return train_pixnet(config, progress=progress, on_metrics=on_metrics, cancel=cancel)
     model, protocol, _ = build_stage2_model(config)
     slides, protocol = load_slides(config, protocol)
+    if config.head == "pooled":
+        return train_pooled(config, model, slides, protocol, progress=progress, on_metrics=on_metrics, cancel=cancel)
     if not config.pathology:
         from ..models.pixnet import set_output_scale
 
@@ -178,3 +192,117 @@ def train_diffbulk_stage2(
         cancel=cancel,
         model=model,
     )
+
+
+def train_pooled(
+    config: DiffBulkStage2Config,
+    model,
+    slides: dict,
+    protocol,
+    *,
+    progress: Progress | None = None,
+    on_metrics: Callable[[dict], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> dict:
+    """DiffBulk's published stage 2: a `models.diffbulk_pooled.DiffBulkPooled` on one tile per measured spot
+    (stage 1's tile, centred on the spot), MSE to the spot's protocol-normalised expression; random dihedral
+    transforms and stain jitter as PixNet's windows get; the trunk ``encoder_lr_factor`` slower. Validation
+    slides score it (mean per-gene Pearson over their spots); the best (else the last) step is saved."""
+    import time
+    from dataclasses import asdict
+
+    import numpy as np
+    import torch
+
+    from ..data.windows import spot_crops
+    from ..device import resolve_device
+    from ..evaluate.metrics import summarise_unit
+    from ..models.checkpoint import save_checkpoint
+    from ..models.diffbulk_pooled import predict_tiles
+    from ..models.predict import to_input
+    from .config import slide_name
+    from .sampler import random_dihedral, stain_jitter
+    from .schedule import warmup_cosine
+
+    side = model.config.feature_tile
+    train = [s for name, s in slides.items() if name not in config.validation]
+    valid = [slides[name] for name in config.validation]
+    if not train:
+        raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
+    crops = np.concatenate([spot_crops(s, side) for s in train])  # uint8: 4 sections x ~600 spots = ~120 MB
+    targets = torch.as_tensor(np.concatenate([s.targets for s in train]))
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    model.start_head(targets.mean(0))
+    model.to(device)
+    trunk = {id(p) for p in model.encoder.parameters()}
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": [p for p in parameters if id(p) in trunk], "lr": config.lr * config.encoder_lr_factor},
+            {"params": [p for p in parameters if id(p) not in trunk], "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    schedule = warmup_cosine(optimiser, config.steps)
+    provenance = {
+        "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
+        "validation": list(config.validation),
+        "config": asdict(config),
+    }
+    save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
+    best, history, started, cancelled, saved, running = -math.inf, [], time.perf_counter(), False, False, None
+    for step in range(1, config.steps + 1):
+        if cancel is not None and cancel():
+            cancelled = True
+            break
+        model.train()
+        index = rng.integers(len(crops), size=config.batch)
+        pixels = random_dihedral(to_input(crops[index]).numpy(), rng)
+        images = torch.from_numpy(np.stack([stain_jitter(one, rng) for one in pixels])).to(device)
+        loss = torch.nn.functional.mse_loss(model(images), targets[index].to(device))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 5.0)
+        optimiser.step()
+        schedule.step()
+        value = float(loss.detach())
+        running = value if running is None else 0.9 * running + 0.1 * value
+        if progress is not None:
+            progress(step, config.steps, f"loss {running:.4f}")
+        record: dict = {"step": step, "loss": value, "seconds": time.perf_counter() - started}
+        if step % config.eval_every == 0 or step == config.steps:
+            scores = {
+                s.name: float(summarise_unit(predict_tiles(model, spot_crops(s, side)), s.targets)["PCC@M"])
+                for s in valid
+            }
+            record["validation"] = scores
+            score = float(np.nanmean(list(scores.values()))) if scores else float(step)
+            if score > best:
+                best = score
+                metrics = {"step": step, "validation_pcc_mean": scores or None}
+                save_checkpoint(
+                    config.out,
+                    model,
+                    protocol=protocol,
+                    mpp=config.mpp,
+                    window=side,
+                    provenance=provenance,
+                    metrics=metrics,
+                    dtype=save_dtype,
+                )
+                record["saved"] = saved = True
+        history.append(record)
+        if on_metrics is not None:
+            on_metrics(record)
+    return {
+        "checkpoint": config.out if saved else None,
+        "best_validation": best if valid and best > -math.inf else None,
+        "steps": len(history),
+        "cancelled": cancelled,
+        "seconds": time.perf_counter() - started,
+        "history": history,
+    }

@@ -35,6 +35,15 @@ def stain_jitter(window: np.ndarray, rng: np.random.Generator, strength: float =
     return np.clip(jittered, 0, 1).astype(np.float32)
 
 
+def random_dihedral(crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Each square crop (n, C, S, S) under its own random dihedral transform (90° rotations, a mirror)."""
+    out = np.empty_like(crops)
+    for index, one in enumerate(crops):
+        one = np.rot90(one, int(rng.integers(4)), axes=(1, 2))
+        out[index] = one[:, :, ::-1] if rng.random() < 0.5 else one
+    return out
+
+
 def _augment(window: np.ndarray, centers: np.ndarray, size: int, rng: np.random.Generator):
     """A random dihedral transform (flips and 90° rotations) of a square window and its spot centres."""
     centers = centers.copy()

@@ -75,6 +75,16 @@ class TrainingStage:
 
         return self.model_class in MODELS
 
+    def offers(self, checkpoint: str | os.PathLike) -> bool:
+        """Whether a finished checkpoint is offered to Slide & model: a gene-map model's (a stage-1 diffusion
+        model draws tiles; a pooled stage 2 gives one vector per spot-centred tile)."""
+        from ..models.checkpoint import read_checkpoint_config
+        from ..models.registry import DEFAULT_MODEL, GENE_MAP_MODELS
+
+        if not self.makes_gene_maps:
+            return False
+        return read_checkpoint_config(checkpoint).get("model_class", DEFAULT_MODEL) in GENE_MAP_MODELS
+
     def defaults(self) -> dict:
         return {s.name: s.default for s in self.settings}
 
@@ -422,6 +432,12 @@ register_stage(
                 "features",
                 choices=import_object("napari_genemap.train.diffbulk_stage2:FEATURE_CHOICES"),
                 tip="both: p fused with f; pathology: p alone (the control); diffusion: f alone",
+            ),
+            _stage2_setting(
+                "head",
+                "head",
+                choices=import_object("napari_genemap.train.diffbulk_stage2:HEADS"),
+                tip="dense: a gene map, trained like PixNet; pooled (as published): one vector per spot-centred tile",
             ),
             _stage2_setting("steps", "steps", minimum=1, maximum=10**7, tip="optimiser steps in the whole schedule"),
             _stage2_setting("batch", "batch", minimum=1, maximum=4096, tip="windows per step"),

@@ -402,7 +402,7 @@ class TrainingWidget(QWidget):
             step = self.history.saved_steps[-1] if self.history.saved_steps else "?"
             verb = "cancelled" if done.get("cancelled") else "finished"
             self.show_message(f"{verb} at step {self.history.step}; checkpoint (step {step}): {checkpoint}")
-            if self.stage.makes_gene_maps:  # a stage-1 diffusion model draws tiles; it predicts no maps
+            if self.stage.offers(checkpoint):  # not stage 1's or a pooled stage 2's: they predict no maps
                 session_for(self.viewer).checkpoint_offered.emit(str(checkpoint))
         elif self._cancelled:
             self.show_message("cancelled before the first checkpoint was saved")
