@@ -261,6 +261,7 @@ def cmd_predict(args) -> int:
         halo=args.halo,
         device=args.device,
         backend=args.backend,
+        tta=args.tta,
     )
     bars: list[tqdm] = []  # the bar appears with the first finished task, so an early error stays one line
 
@@ -478,6 +479,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=BACKENDS,
         help="what runs the model; auto: OpenVINO on a CPU (bfloat16 where native), torch on a GPU",
+    )
+    predict.add_argument(
+        "--tta",
+        action="store_true",
+        help="test-time augmentation: each window's map is the mean of its 8 flips and rotations (8x the time)",
     )
     predict.add_argument("--overwrite", action="store_true")
     _add_read_options(predict)

@@ -184,3 +184,48 @@ def test_a_tile_service_whose_export_exists_starts_without_torch(shared_exports,
         assert "libopenvino" in libraries and "libtorch" not in libraries
     finally:
         service.close()
+
+
+def test_test_time_augmentation_averages_the_eight_views_turned_back(random_checkpoint, sample_slide, tmp_path):
+    """Each view's map is turned back before the mean, so the averaged map turns with its window (a wrong
+    inverse breaks that), equals the mean of the model's own maps of the eight views, and differs from one
+    view (the model itself is not symmetric)."""
+    from napari_genemap.infer.backends import DihedralMean
+    from napari_genemap.infer.engine import TileEngine
+    from napari_genemap.models.predict import to_input
+
+    loaded = load_checkpoint(random_checkpoint)
+    reader = ModelFrameReader.from_sdata(sample_slide, loaded.mpp)
+    window = reader.read(40, 168, 40, 168)[None]  # 128 px of real H&E at 4 µm/px
+    run, _ = build_runner(loaded, "torch", CPU, 2, None)
+    tta = DihedralMean(run)
+    mean = tta(window)
+    assert mean.shape == (1, 3, 12, 12) and mean.dtype == np.float32  # 16 map px less the margin of 2
+    with torch.no_grad():
+        pixels = to_input(window)
+        views = []
+        for turns in range(4):
+            for mirror in (False, True):
+                view = torch.rot90(pixels, turns, (2, 3))
+                view = view.flip(3) if mirror else view
+                density = loaded.model(view, 2)
+                views.append(torch.rot90(density.flip(3) if mirror else density, -turns, (2, 3)))
+    np.testing.assert_allclose(mean, torch.stack(views).mean(0).numpy(), rtol=1e-5, atol=1e-6)
+    turned = np.ascontiguousarray(np.rot90(window, 1, axes=(1, 2))[:, :, ::-1])
+    np.testing.assert_allclose(tta(turned), np.rot90(mean, 1, axes=(2, 3))[..., ::-1], rtol=1e-5, atol=1e-6)
+    assert np.abs(mean - run(window)).max() > 1e-3 * np.abs(mean).max()
+
+    engine = TileEngine(loaded, sample_slide, tmp_path, tile=128, halo=64, backend="torch", tta=True)
+    plain = TileEngine(loaded, sample_slide, tmp_path, tile=128, halo=64, backend="torch")
+    try:
+        assert engine.cache.path != plain.cache.path  # other values, another cache
+        tile = engine.predict_tiles([(1, 1)])[(1, 1)]
+        window_box = engine.grid.window_box(1, 1)
+        margin, _ = engine.grid.valid_in_output()
+        expected = DihedralMean(build_runner(loaded, "torch", CPU, margin, None)[0])(
+            engine.reader.read(*window_box)[None]
+        )[0]
+        np.testing.assert_allclose(tile, expected[:, : tile.shape[1], : tile.shape[2]], rtol=1e-5, atol=1e-6)
+    finally:
+        engine.close()
+        plain.close()

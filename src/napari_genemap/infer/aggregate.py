@@ -331,16 +331,22 @@ def read_circles_csv(path: str | os.PathLike, slide_mpp: float) -> tuple[np.ndar
 
 
 def predict_measured_spots(
-    loaded, sdata, cache_root: str | os.PathLike, tile: int | None = None, halo: int | None = None
+    loaded,
+    sdata,
+    cache_root: str | os.PathLike,
+    tile: int | None = None,
+    halo: int | None = None,
+    tta: bool = False,
 ):
     """The slide's dense map through the tile engine, integrated over its measured spots -> AnnData.
 
-    The same path as ``genemap predict`` then ``genemap aggregate`` at the spots (the benchmark uses it)."""
+    The same path as ``genemap predict`` then ``genemap aggregate`` at the spots (the benchmark uses it);
+    ``tta``: the engine's test-time augmentation."""
     from ..io import counts_table, slide_mpp, spot_geometry
     from .engine import TileEngine
 
     sizes: dict[str, Any] = {key: value for key, value in {"tile": tile, "halo": halo}.items() if value is not None}
-    engine = TileEngine(loaded, sdata, Path(cache_root), **sizes)
+    engine = TileEngine(loaded, sdata, Path(cache_root), tta=tta, **sizes)
     try:
         centers, radii = spot_geometry(sdata)
         source = GeneMapSource.from_engine(engine, slide_mpp(sdata))

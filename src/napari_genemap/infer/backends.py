@@ -110,6 +110,31 @@ def build_runner(
         return TorchRunner(loaded.model, resolve_device(device), margin, threads), "torch"
 
 
+class DihedralMean:
+    """Test-time augmentation: a runner's maps averaged over the 8 dihedral views of each square window
+    (4 rotations, each mirrored or not), every map turned back before the mean. 8 model calls a window.
+
+    Exact on the map grid: a window side is a multiple of the stride, so a turned window's output pixels
+    are the same blocks of input pixels, and the margin dropped is the same on every side."""
+
+    VIEWS = tuple((turns, mirror) for turns in range(4) for mirror in (False, True))
+
+    def __init__(self, run: Runner):
+        self.run = run
+
+    def __call__(self, windows: np.ndarray) -> np.ndarray:
+        if windows.shape[1] != windows.shape[2]:
+            raise GenemapInputError(f"test-time augmentation needs square windows; got {windows.shape[1:3]}")
+        total = None
+        for turns, mirror in self.VIEWS:
+            view = np.rot90(windows, turns, axes=(1, 2))
+            density = np.asarray(self.run(np.ascontiguousarray(view[:, :, ::-1] if mirror else view)), np.float32)
+            back = np.rot90(density[..., ::-1] if mirror else density, -turns, axes=(2, 3))
+            total = back.astype(np.float64) if total is None else total + back
+        assert total is not None  # eight views
+        return (total / len(self.VIEWS)).astype(np.float32)
+
+
 class TorchRunner:
     """The model in torch: float32 on the CPU, float16 autocast on CUDA."""
 

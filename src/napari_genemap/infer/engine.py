@@ -22,8 +22,9 @@ import numpy as np
 
 from ..data.resample import ModelFrameReader
 from ..device import device_type
-from ..errors import GenemapDataWarning
-from .backends import Runner, build_runner, exports_folder, resolve_backend
+from ..errors import GenemapDataWarning, GenemapInputError
+from ..models.registry import GENE_MAP_MODELS
+from .backends import DihedralMean, Runner, build_runner, exports_folder, resolve_backend
 from .cache import GeneMapCache, signature, slide_identity
 from .grid import DEFAULT_HALO, DEFAULT_TILE, TileGrid
 
@@ -40,7 +41,8 @@ class ModelOwner:
     The thread builds its runner first (`backends.build_runner`: an export or compile may take seconds),
     so a caller that needs the model ready waits with `ready`; ``margin`` output pixels are dropped on
     each side of every window's map; ``shapes``: the (n, H, W) of the windows to come, prepared while
-    building; ``threads``: the model's CPU threads (None: the backend's own choice)."""
+    building; ``threads``: the model's CPU threads (None: the backend's own choice); ``tta``: average each
+    window's map over its 8 dihedral views (`backends.DihedralMean`)."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class ModelOwner:
         shapes: tuple[tuple[int, int, int], ...] = (),
         threads: int | None = None,
         runner_factory: RunnerFactory | None = None,
+        tta: bool = False,
     ):
         self.device = device_type(device)
         self.backend = ""  # the one it got, once ready
@@ -61,6 +64,7 @@ class ModelOwner:
             lambda threads: build_runner(loaded, backend, device, margin, exports, threads, shapes)
         )
         self._threads = threads
+        self._tta = tta
         self._ready: Future[str] = Future()
         self._requests: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="genemap-model", daemon=True)
@@ -79,6 +83,8 @@ class ModelOwner:
         run: Runner | None = None
         try:
             run, self.backend = self._build(self._threads)
+            if self._tta:
+                run = DihedralMean(run)
             self._ready.set_result(self.backend)
         except BaseException as error:  # every request then re-raises it
             self._ready.set_exception(error)
@@ -180,6 +186,7 @@ class TileEngine:
         threads: int | None = None,
         start_model: bool = False,
         runner_factory: RunnerFactory | None = None,
+        tta: bool = False,
     ):
         """``model``: a loaded checkpoint (`GeneMapModel`); ``sdata``: a canonical slide; ``batch_size``:
         windows per model call (default 1 on the CPU, where batching gains nothing and costs memory, 4 on CUDA);
@@ -188,10 +195,17 @@ class TileEngine:
         threads (None: the backend's choice); ``start_model``: build the model's runner now, while the
         tissue mask is computed (what a viewer waits for), not on the first prediction; ``runner_factory``:
         (threads) -> (runner, name), for a backend measured outside `backends.BACKENDS` (the benchmark's int8
-        graphs). The default tile and halo are rounded up to the model's input multiple (a DiffBulk model's
-        feature tile, e.g. 224 px: 1120 and 448); sizes given otherwise must be multiples of it."""
+        graphs); ``tta``: test-time augmentation, each window's map the mean of its 8 dihedral views (8 model
+        calls a window; part of the cache's signature, as it changes the values). The default tile and halo
+        are rounded up to the model's input multiple (a DiffBulk model's feature tile, e.g. 224 px: 1120 and
+        448); sizes given otherwise must be multiples of it."""
         from ..io import image_levels, slide_mpp
 
+        if model.model_class not in GENE_MAP_MODELS:
+            raise GenemapInputError(
+                f"{model.path or 'the model'}: a {model.model_class} gives one expression vector per spot-centred "
+                f"tile, not a gene map; expected one of {', '.join(sorted(GENE_MAP_MODELS))}"
+            )
         multiple = model.input_multiple
         if tile == DEFAULT_TILE:
             tile = -(-tile // multiple) * multiple
@@ -210,6 +224,9 @@ class TileEngine:
         self.backend = resolve_backend(backend, kind, exportable=bool(model.digest) and model.exportable)
         value = signature(slide_identity(sdata), model.digest, model.protocol.to_json(), self.grid, model.mpp)
         value["backend"] = self.backend if runner_factory is None else f"custom-{id(runner_factory)}"
+        if tta:  # only then: the caches of every run without it keep their names
+            value["tta"] = "dihedral-8"
+        self.tta = tta
         self.batch_size = batch_size or (4 if kind == "cuda" else 1)
         self._runner_factory = runner_factory
         self._device, self._threads, self._exports = device, threads, exports_folder(cache_root)
@@ -329,6 +346,7 @@ class TileEngine:
             shapes=((self.batch_size, y1 - y0, y1 - y0),),
             threads=self._threads,
             runner_factory=self._runner_factory,
+            tta=self.tta,
         )
 
     def close(self) -> None:

@@ -52,6 +52,7 @@ class EngineSpec:
     device: str = "auto"
     backend: str = "auto"
     read_options: dict = field(default_factory=dict)
+    tta: bool = False  # test-time augmentation: each window's map the mean of its 8 dihedral views
 
     def build(self, threads: int | None = None, start_model: bool = False):
         """The engine; ``start_model``: build the model's runner while the tissue mask is made (`TileEngine`),
@@ -75,6 +76,7 @@ class EngineSpec:
             backend=self.backend,
             threads=threads,
             start_model=start_model,
+            tta=self.tta,
         )
 
 

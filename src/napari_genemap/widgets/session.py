@@ -50,6 +50,7 @@ class Session:
         self.slide_source: SlideSource | None = None  # how the service reads the slide again
         self.checkpoint: Path = shipped_checkpoint()
         self.device = "auto"
+        self.tta = False  # test-time augmentation: 8 views of every window averaged
         self.backend = ""  # what runs the model, as the service reported it ("openvino-bf16 on cpu")
         self.service: TileService | None = None
         self.cache: GeneMapCache | None = None
@@ -62,11 +63,11 @@ class Session:
         self.slide_changed.emit(sdata)
         self.restart()
 
-    def set_model(self, checkpoint: str | os.PathLike, device: str = "auto") -> None:
+    def set_model(self, checkpoint: str | os.PathLike, device: str = "auto", tta: bool = False) -> None:
         from ..models.checkpoint import read_checkpoint_config
 
         read_checkpoint_config(checkpoint)  # a clear error now rather than in the service
-        self.checkpoint, self.device = Path(checkpoint), device
+        self.checkpoint, self.device, self.tta = Path(checkpoint), device, tta
         self.model_changed.emit(self.checkpoint)
         self.restart()
 
@@ -128,6 +129,7 @@ class Session:
             checkpoint=str(self.checkpoint),
             cache_root=str(self.cache_root),
             device=self.device,
+            tta=self.tta,
         )
         self.service = TileService(spec)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -78,6 +79,8 @@ class SlideModelWidget(QWidget):
         self.use_button = QPushButton("Use model")
         self.device = QComboBox()
         self.device.addItems(DEVICES)
+        self.tta = QCheckBox("Average 8 flips and rotations (8x slower)")
+        self.tta.setToolTip("test-time augmentation: each window's map is the mean of its 8 dihedral views")
         self.status = wrapped_label("")
         self.active = wrapped_label("")
         self.offer = QPushButton("")
@@ -98,6 +101,7 @@ class SlideModelWidget(QWidget):
         form.addRow("", self.reading)
         form.addRow("Checkpoint", checkpoint_row)
         form.addRow("Device", self.device)
+        form.addRow("", self.tta)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         for widget in (self.use_button, self.offer, self.active, self.status, self.card_button, self.card):
@@ -222,7 +226,7 @@ class SlideModelWidget(QWidget):
     def apply_model(self) -> None:
         """Use the checkpoint and device shown; a bad checkpoint is reported in one line."""
         try:
-            self.session.set_model(self.checkpoint.text().strip(), self.device.currentText())
+            self.session.set_model(self.checkpoint.text().strip(), self.device.currentText(), self.tta.isChecked())
         except GenemapInputError as error:
             self.status.setText(f"error: {error}")
             return
