@@ -127,10 +127,13 @@ def run_fold(args) -> dict:
             device=args.device,
         )
         started = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            train_diffbulk_stage2(config)
-        train_seconds = time.perf_counter() - started
+        if args.reuse and (out / "config.json").is_file():  # trained by an earlier run that stopped before scoring
+            train_seconds = None
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                train_diffbulk_stage2(config)
+            train_seconds = time.perf_counter() - started
         model = load_checkpoint(out)
         started = time.perf_counter()
         if pooled:  # one tile per test spot, no tile engine: a pooled model makes no map
@@ -286,7 +289,7 @@ def table() -> None:
     print("|---|---|---|---|---|---|---|")
     for fold in rows:
         for name, row in fold["rows"].items():
-            train = f"{row['seconds_train']:.0f}" if "seconds_train" in row else "–"
+            train = f"{row['seconds_train']:.0f}" if row.get("seconds_train") else "–"
             print(
                 f"| {fold['fold']} | {name} | {row['mean']:.4f} | {row['median']:.4f} | {row['global']:.4f} | "
                 f"{row['undefined']} | {train} |"
@@ -309,6 +312,7 @@ def main() -> None:
     parser.add_argument(
         "--stage1-tag", default="", help="names a stage-1 ablation in the rows (e.g. 'p = 1'), so rows stay apart"
     )
+    parser.add_argument("--reuse", action="store_true", help="score a variant's existing checkpoint in --out")
     parser.add_argument("--skip-start", action="store_true", help="do not re-score the fold's PixNet")
     parser.add_argument("--out", type=Path, default=Path("/tmp/diffbulk_her2st"))
     parser.add_argument("--table", action="store_true", help="print the finished folds and stop")
