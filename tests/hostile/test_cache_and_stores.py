@@ -294,6 +294,13 @@ def test_a_dead_processs_claim_is_taken_over(clean, tmp_path):
     assert not claim.exists()
 
 
+def _level0_claims(cache: Path) -> int:
+    try:
+        return sum(1 for path in cache.rglob("level0/claims/*") if path.is_file())
+    except FileNotFoundError:  # a claim released under the walk
+        return 0
+
+
 def _level0_shards(cache: Path) -> int:
     try:
         return sum(1 for path in cache.rglob("level0/c/*/*/*") if path.is_file() and "partial" not in path.name)
@@ -303,7 +310,8 @@ def _level0_shards(cache: Path) -> int:
 
 @pytest.mark.slow  # two whole CLI processes, one after the other overlapping: about 60 s on two cores
 def test_two_predict_runs_on_one_cache_compute_each_tile_once(checkpoint, tmp_path):
-    """Run A is frozen (SIGSTOP) just after its first tile, in the middle of its first task; run B starts on
+    """Run A is frozen (SIGSTOP) while it holds claims, in the middle of its first task (frozen after its
+    first written tile instead, A could finish a two-tile task first: tiles are written fast); run B starts on
     the same cache. B waits for the tiles A claimed instead of computing them (before: it computed them
     too). A is thawed when B waits (or, before, when B has finished); each tile is computed once in all."""
     import signal
@@ -321,8 +329,8 @@ def test_two_predict_runs_on_one_cache_compute_each_tile_once(checkpoint, tmp_pa
     first = subprocess.Popen(command("a"), **pipes, env=env)
     try:
         deadline = time.monotonic() + 120
-        while _level0_shards(cache) < 1 and first.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
+        while _level0_claims(cache) < 1 and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.killpg(first.pid, signal.SIGSTOP)  # driver and worker: A holds the claims of its first task
         assert first.poll() is None and _level0_shards(cache) < 9, "A finished before it could be frozen"
         second = subprocess.Popen(command("b"), **pipes, env=env)

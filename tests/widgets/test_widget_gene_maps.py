@@ -3,6 +3,8 @@ starts in its own process, a gene layer fills the view with the engine's values 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -320,7 +322,9 @@ def test_on_a_section_the_pearson_shows_while_tiles_arrive(make_napari_viewer, q
         predicted, in_view = (int(v) for v in text.split(" over ")[1].split(" measured")[0].split(" of "))
         assert 3 <= predicted < in_view
         assert "This slide (C3) was in the model's training data" in text
-        assert maps.status.text().startswith("predicting: ") and " / 21 tiles of this view done" in maps.status.text()
+        # the plan's size depends on the level napari shows when the view is asked for (before the layer is
+        # first drawn: level 0); the count of tiles done, out of the plan, is what a reader needs
+        assert re.fullmatch(r"predicting: \d+ / \d+ tiles of this view done.*", maps.status.text())
     finally:
         session_for(viewer).close()
 
