@@ -169,6 +169,18 @@ def test_a_pooled_stage2_trains_on_spot_tiles_and_is_not_offered_as_a_gene_map(s
     assert not stage.offers(tmp_path / "pooled") and stage.offers(pathology)
 
 
+def test_a_registered_model_says_whether_it_makes_gene_maps(monkeypatch):
+    from napari_genemap.models import registry
+
+    monkeypatch.setattr(registry, "MODELS", dict(registry.MODELS))
+    monkeypatch.setattr(registry, "GENE_MAP_MODELS", set(registry.GENE_MAP_MODELS))
+    registry.register_model("MyMapModel", "my_package.models:MyMapModel")
+    registry.register_model("MyTileModel", "my_package.models:MyTileModel", gene_map=False)
+    assert "MyMapModel" in registry.GENE_MAP_MODELS and "MyTileModel" not in registry.GENE_MAP_MODELS
+    assert {"MyMapModel", "MyTileModel"} <= set(registry.MODELS)
+    assert {"PixNet", "DiffBulkDense"} <= registry.GENE_MAP_MODELS and "DiffBulkPooled" not in registry.GENE_MAP_MODELS
+
+
 def test_an_untrained_pooled_model_predicts_the_mean_and_its_p_is_the_pixnet_map_averaged(tiny_dense):
     from dataclasses import replace
 

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import GenemapInputError
 from .diffbulk_dense import DiffBulkDense, DiffBulkDenseConfig
+from .predict import to_input
 
 
 class DiffBulkPooled(DiffBulkDense):
@@ -60,6 +61,5 @@ def predict_tiles(model: DiffBulkPooled, tiles: np.ndarray, batch: int = 16) -> 
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(tiles), batch):
-        chunk = torch.from_numpy(np.ascontiguousarray(tiles[start : start + batch])).to(device)
-        out.append(model(chunk.permute(0, 3, 1, 2).float() / 255.0).float().cpu().numpy())
+        out.append(model(to_input(tiles[start : start + batch], device)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.config.n_genes), np.float32)

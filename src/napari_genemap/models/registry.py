@@ -41,11 +41,16 @@ class ModelConfig(Protocol):
     def to_dict(self) -> dict: ...
 
 
-def register_model(name: str, path: str) -> None:
-    """Make checkpoints naming ``name`` loadable; ``path`` is ``"package.module:Class"``."""
+def register_model(name: str, path: str, gene_map: bool = True) -> None:
+    """Make checkpoints naming ``name`` loadable; ``path`` is ``"package.module:Class"``; ``gene_map``: its
+    forward gives a density map (what the tile engine and the viewer run), not one vector per tile."""
     if ":" not in path:
         raise ValueError(f"model path {path!r}: expected 'package.module:Class'")
     MODELS[name] = path
+    if gene_map:
+        GENE_MAP_MODELS.add(name)
+    else:
+        GENE_MAP_MODELS.discard(name)
 
 
 def import_object(path: str):

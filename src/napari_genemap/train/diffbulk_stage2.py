@@ -209,7 +209,6 @@ def train_pooled(
     transforms and stain jitter as PixNet's windows get; the trunk ``encoder_lr_factor`` slower. Validation
     slides score it (mean per-gene Pearson over their spots); the best (else the last) step is saved."""
     import time
-    from dataclasses import asdict
 
     import numpy as np
     import torch
@@ -220,7 +219,7 @@ def train_pooled(
     from ..models.checkpoint import save_checkpoint
     from ..models.diffbulk_pooled import predict_tiles
     from ..models.predict import to_input
-    from .config import slide_name
+    from .pixnet import make_optimiser, run_provenance
     from .sampler import random_dihedral, stain_jitter
     from .schedule import warmup_cosine
 
@@ -238,21 +237,10 @@ def train_pooled(
     device = resolve_device(config.device)
     model.start_head(targets.mean(0))
     model.to(device)
-    trunk = {id(p) for p in model.encoder.parameters()}
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(
-        [
-            {"params": [p for p in parameters if id(p) in trunk], "lr": config.lr * config.encoder_lr_factor},
-            {"params": [p for p in parameters if id(p) not in trunk], "lr": config.lr},
-        ],
-        weight_decay=config.weight_decay,
-    )
+    optimiser = make_optimiser(model, config)
     schedule = warmup_cosine(optimiser, config.steps)
-    provenance = {
-        "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
-        "validation": list(config.validation),
-        "config": asdict(config),
-    }
+    provenance = run_provenance(config)
     save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     best, history, started, cancelled, saved, running = -math.inf, [], time.perf_counter(), False, False, None
     for step in range(1, config.steps + 1):

@@ -70,6 +70,31 @@ def mean_density(slides: list[TrainingSlide], stride: int) -> torch.Tensor:
     return torch.as_tensor(raw.sum(0) / area.sum(), dtype=torch.float32)
 
 
+def make_optimiser(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with the pretrained part (``model.encoder``: PixNet's encoder, or what a model calls its own)
+    ``encoder_lr_factor`` slower than the rest; the decoder's group is last (its rate is the one reported)."""
+    pretrained = cast(torch.nn.Module, model.encoder)
+    encoder_params = [p for p in pretrained.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in encoder_params}
+    decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": encoder_params, "lr": config.lr * config.encoder_lr_factor},
+            {"params": decoder_params, "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+
+
+def run_provenance(config: TrainConfig) -> dict:
+    """What a checkpoint records of its run: training and validation slides, and the whole config."""
+    return {
+        "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
+        "validation": list(config.validation),
+        "config": asdict(config),
+    }
+
+
 def train_pixnet(
     config: TrainConfig,
     *,
@@ -122,26 +147,12 @@ def train_pixnet(
         )
         model = PixNet(model_config).to(device)
         model.set_output_scale(mean_density(train_slides, config.stride))
-    pretrained = cast(torch.nn.Module, model.encoder)  # PixNet's encoder, or what a given model calls its own
-    encoder_params = [p for p in pretrained.parameters() if p.requires_grad]
-    encoder_ids = {id(p) for p in encoder_params}
-    decoder_params = [p for p in model.parameters() if id(p) not in encoder_ids and p.requires_grad]
-    optimiser = torch.optim.AdamW(
-        [
-            {"params": encoder_params, "lr": config.lr * config.encoder_lr_factor},
-            {"params": decoder_params, "lr": config.lr},
-        ],
-        weight_decay=config.weight_decay,
-    )
+    optimiser = make_optimiser(model, config)
     schedule = warmup_cosine(optimiser, config.steps)
     if start:
         _continue_schedule(schedule, start)
     sampler = WindowSampler(train_slides, config.window, augment=True, seed=config.seed + start)
-    provenance = {
-        "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
-        "validation": list(config.validation),
-        "config": asdict(config),
-    }
+    provenance = run_provenance(config)
     save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     best, history, started = -math.inf, [], time.perf_counter()
     logger.info(
