@@ -14,7 +14,7 @@ from .canonical import (
 from .h5ad import read_h5ad_slide
 from .images import ImagePyramid, open_image
 from .legacy_st import read_her2st, read_legacy_st, read_mouse_olfactory_bulb
-from .read import SlideSource, detect_format, read_image_slide, read_slide
+from .read import SlideSource, detect_format, read_counts, read_image_slide, read_slide
 from .store import read_store, write_store
 from .visium import read_visium
 
@@ -29,6 +29,7 @@ __all__ = [
     "detect_format",
     "image_levels",
     "open_image",
+    "read_counts",
     "read_h5ad_slide",
     "read_her2st",
     "read_image_slide",

@@ -90,7 +90,7 @@ def read_legacy_st(
         mpp = check_mpp(mpp, image)
     pyramid = open_image(image)
     spots = _read_alignment(alignment)
-    table = _read_counts(counts)
+    table = read_counts_tsv(counts)
 
     spots.index = pd.Index([f"{round(x)}x{round(y)}" for x, y in zip(spots["x"], spots["y"])], name="spot")
     unknown = table.index.difference(spots.index)
@@ -199,7 +199,9 @@ def _read_alignment(path: Path) -> pd.DataFrame:
     return spots
 
 
-def _read_counts(path: Path) -> pd.DataFrame:
+def read_counts_tsv(path: str | os.PathLike) -> pd.DataFrame:
+    """A legacy ST counts table (spots x genes, tab-separated, optionally gzipped), checked."""
+    path = Path(path)
     try:
         # pandas renames repeated column names ("A", "A.1"), so the header is checked as written
         header = pd.read_csv(path, sep="\t", header=None, nrows=1).iloc[0, 1:].dropna().astype(str)

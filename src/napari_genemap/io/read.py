@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import GenemapInputError
 from .canonical import SlideInfo, build_spatialdata
 from .images import check_mpp, is_image_path, open_image
-from .legacy_st import legacy_st_files, read_her2st, read_legacy_st
+from .legacy_st import legacy_st_files, read_counts_tsv, read_her2st, read_legacy_st
 from .store import is_zarr_store, read_store
 from .visium import is_visium_folder, read_visium
 
@@ -101,6 +101,28 @@ def read_slide(path: str | os.PathLike, *, section: str | None = None, mpp: floa
         return read_image_slide(path, mpp=mpp)
     kind = "folder" if path.is_dir() else "file"
     raise GenemapInputError(f"{path}: this {kind} is not a slide napari-genemap reads; expected {SUPPORTED}")
+
+
+def read_counts(path: str | os.PathLike):
+    """A counts table without an image, as AnnData (spots x genes): an ``.h5ad`` file or a legacy ST counts
+    table (``.tsv``, ``.tsv.gz``). For gene statistics that need no histology (a low-rank head's components)."""
+    import anndata as ad
+
+    path = Path(path)
+    _check_exists(path)
+    name = path.name.lower()
+    if name.endswith(".h5ad"):
+        try:
+            return ad.read_h5ad(path)
+        except (OSError, KeyError, ValueError) as error:
+            raise GenemapInputError(f"{path}: not a readable .h5ad file ({error})") from None
+    if name.endswith((".tsv", ".tsv.gz")):
+        import pandas as pd
+
+        table = read_counts_tsv(path)
+        obs, var = pd.DataFrame(index=table.index.astype(str)), pd.DataFrame(index=table.columns.astype(str))
+        return ad.AnnData(table.to_numpy(dtype="float32"), obs=obs, var=var)
+    raise GenemapInputError(f"{path}: not a counts table; expected .h5ad, .tsv or .tsv.gz")
 
 
 def _check_exists(path: Path) -> None:

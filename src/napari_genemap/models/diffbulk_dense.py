@@ -140,6 +140,8 @@ class DiffBulkDense(nn.Module):
     def start_from_pixnet(self, pixnet: PixNet) -> None:
         """Copy a trained PixNet into p and its gene head into this head (with f's projection at zero the
         model then predicts exactly what ``pixnet`` does)."""
+        if pixnet.gene_factors is not None:
+            raise GenemapInputError("DiffBulk stage 2: its PixNet has a low-rank gene head; p needs a full one")
         own = {k: v for k, v in pixnet.state_dict().items() if not k.startswith("head.")}
         self.pathology.load_state_dict(own)
         with torch.no_grad():

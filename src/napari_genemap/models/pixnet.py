@@ -37,6 +37,7 @@ class PixNetConfig:
     stride: int = 4  # output pixel side in input pixels: 2, 4, 8 or 16
     depth_to_space_stages: int = 2  # the deepest stages upsample by pixel shuffle, the rest bilinearly
     attention_window: int = 5
+    gene_rank: int = 0  # 0: a 1x1 head to every gene; k: the genes as a learned combination of k components
 
     def __post_init__(self):
         if self.stride not in (2, 4, 8, 16):
@@ -45,6 +46,11 @@ class PixNetConfig:
             raise GenemapInputError(f"PixNet n_genes {self.n_genes}: expected at least 1")
         if self.attention_window < 1 or self.attention_window % 2 == 0:
             raise GenemapInputError(f"PixNet attention_window {self.attention_window}: expected an odd number")
+        if not 0 <= self.gene_rank < self.n_genes:
+            raise GenemapInputError(
+                f"PixNet gene_rank {self.gene_rank}: "
+                f"expected 0 (full) or fewer components than its {self.n_genes} genes"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,7 +193,11 @@ class PixNet(nn.Module):
             )
             for index in range(n_stages)
         )
-        self.head = nn.Conv2d(DECODER_WIDTHS[n_stages], config.n_genes, 1)
+        width = DECODER_WIDTHS[n_stages]
+        # Low rank (issue 13's ablation): the features map to k component scores, and the head mixes the k
+        # components into the genes; `set_gene_components` starts the mix at the counts' principal components.
+        self.gene_factors = nn.Conv2d(width, config.gene_rank, 1, bias=False) if config.gene_rank else None
+        self.head = nn.Conv2d(config.gene_rank or width, config.n_genes, 1)
 
     @classmethod
     def from_config(cls, config: PixNetConfig) -> PixNet:
@@ -203,7 +213,10 @@ class PixNet(nn.Module):
         a window's centre (the rest is halo, context for the decoder); the head and softplus act per pixel,
         so skipping them on the halo changes no kept value and saves most of their cost (785 genes at
         448 x 448 px for a 1792 px window, of which 256 x 256 are kept)."""
-        return F.softplus(self.head(self.features(image, margin)))
+        features = self.features(image, margin)
+        if self.gene_factors is not None:
+            features = self.gene_factors(features)
+        return F.softplus(self.head(features))
 
     @property
     def feature_channels(self) -> int:
@@ -229,6 +242,22 @@ class PixNet(nn.Module):
     def set_output_scale(self, density: torch.Tensor) -> None:
         """Start the head at a per-gene density (expression per output pixel), e.g. the training mean."""
         set_output_scale(self.head, density)
+
+    @torch.no_grad()
+    def set_gene_components(self, components: torch.Tensor) -> None:
+        """Start a low-rank head's mix at ``components`` (k, genes), e.g. the counts' principal axes: a
+        component score then moves the genes together the way they co-vary in the data. The factors start
+        small (the head starts near its output scale, as `set_output_scale` does for a full head)."""
+        if self.gene_factors is None:
+            raise GenemapInputError("set_gene_components: this PixNet has a full gene head (gene_rank 0)")
+        components = torch.as_tensor(components, dtype=self.head.weight.dtype)
+        if tuple(components.shape) != (self.config.gene_rank, self.config.n_genes):
+            raise GenemapInputError(
+                f"gene components of shape {tuple(components.shape)}; expected "
+                f"({self.config.gene_rank}, {self.config.n_genes})"
+            )
+        self.head.weight.copy_(components.T[..., None, None])
+        self.gene_factors.weight.mul_(0.1)
 
 
 @torch.no_grad()

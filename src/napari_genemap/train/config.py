@@ -15,6 +15,8 @@ from ..device import check_device_name
 from ..errors import GenemapInputError
 from ..models.registry import INPUT_MULTIPLE
 
+RAW_TERMS = ("log1p", "poisson", "nb")  # the spot loss's raw-scale term (`losses.RawTerm`)
+
 
 @dataclass
 class TrainConfig:
@@ -32,6 +34,10 @@ class TrainConfig:
     encoder_lr_factor: float = 0.3  # the pretrained encoder moves slower than the new decoder
     weight_decay: float = 1e-4
     raw_weight: float = 0.1
+    raw_loss: str = "log1p"  # the raw-scale term: log1p MSE, or a Poisson / negative-binomial likelihood
+    gene_rank: int = 0  # 0: a gene head of its own per gene; k: genes as a learned mix of k components
+    gene_basis: list[str] = field(default_factory=list)  # counts tables (.tsv[.gz], .h5ad) the components'
+    # PCA is fitted on (a test section's must not be among them); empty: the training slides' spots
     encoder: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
     stride: int = 4
@@ -62,6 +68,12 @@ class TrainConfig:
         if self.steps < 1 or self.batch < 1 or self.mpp <= 0:
             raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
         check_device_name(self.device, f"{source}: device")
+        if self.raw_loss not in RAW_TERMS:
+            raise GenemapInputError(f"{source}: raw_loss {self.raw_loss!r}: expected one of {', '.join(RAW_TERMS)}")
+        if self.gene_rank < 0:
+            raise GenemapInputError(f"{source}: gene_rank {self.gene_rank}: expected 0 (full head) or a positive rank")
+        if self.gene_basis and not self.gene_rank:
+            raise GenemapInputError(f"{source}: gene_basis is given but gene_rank is 0; set the rank it starts")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
 
@@ -91,9 +103,11 @@ def read_config_file(path: Path) -> dict:
 
 
 def resolve_paths(config, base: Path, extra: tuple[str, ...] = ()):
-    """``config`` with its slide, output, resume (and ``extra``) paths made relative to ``base``, the config
-    file's folder (empty ones stay empty)."""
+    """``config`` with its slide, output, resume, gene-basis (and ``extra``) paths made relative to ``base``,
+    the config file's folder (empty ones stay empty)."""
     config.slides = [{**s, "path": os.path.normpath(base / s["path"])} for s in config.slides]
+    if getattr(config, "gene_basis", None):
+        config.gene_basis = [os.path.normpath(base / p) for p in config.gene_basis]
     for name in ("out", "resume", *extra):
         if getattr(config, name):
             setattr(config, name, os.path.normpath(base / getattr(config, name)))

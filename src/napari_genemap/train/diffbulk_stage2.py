@@ -62,6 +62,10 @@ class DiffBulkStage2Config(TrainConfig):
             raise GenemapInputError(f"{source}: field 'head' is {self.head!r}; expected one of {', '.join(HEADS)}")
         if self.head == "pooled" and self.resume:
             raise GenemapInputError(f"{source}: field 'resume': a pooled stage 2 trains in one go; remove it")
+        if self.gene_rank:
+            raise GenemapInputError(f"{source}: field 'gene_rank': DiffBulk's stage 2 has a full gene head; remove it")
+        if self.head == "pooled" and self.raw_loss != "log1p":
+            raise GenemapInputError(f"{source}: field 'raw_loss': a pooled stage 2 trains on MSE alone; remove it")
         if self.feature_width < 8:
             raise GenemapInputError(f"{source}: field 'feature_width' is {self.feature_width}; expected at least 8")
 

@@ -30,7 +30,7 @@ from ..models.encoders import EncoderConfig
 from ..models.pixnet import PixNet, PixNetConfig
 from ..models.predict import predict_spots
 from .config import TrainConfig, slide_name
-from .losses import spot_loss
+from .losses import RawTerm, spot_loss
 from .sampler import WindowSampler
 from .schedule import warmup_cosine
 
@@ -70,9 +70,22 @@ def mean_density(slides: list[TrainingSlide], stride: int) -> torch.Tensor:
     return torch.as_tensor(raw.sum(0) / area.sum(), dtype=torch.float32)
 
 
+def gene_basis(config: TrainConfig, train_slides: list[TrainingSlide], protocol: Protocol) -> np.ndarray:
+    """A low-rank head's starting components: the PCA of the counts of ``config.gene_basis`` (tables without
+    images allowed), else of the training slides' spots; never of a validation slide's."""
+    from ..data.gene_basis import gene_components
+    from ..io import read_counts
+
+    if config.gene_basis:
+        tables = [protocol.counts(read_counts(path)) for path in config.gene_basis]
+    else:
+        tables = [slide.raw for slide in train_slides]
+    return gene_components(tables, config.gene_rank)
+
+
 def make_optimiser(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW with the pretrained part (``model.encoder``: PixNet's encoder, or what a model calls its own)
-    ``encoder_lr_factor`` slower than the rest; the decoder's group is last (its rate is the one reported)."""
+    ``encoder_lr_factor`` slower than the rest; the decoder's group is second (its rate is the one reported)."""
     pretrained = cast(torch.nn.Module, model.encoder)
     encoder_params = [p for p in pretrained.parameters() if p.requires_grad]
     encoder_ids = {id(p) for p in encoder_params}
@@ -143,11 +156,20 @@ def train_pixnet(
         model = model.to(device)
     else:
         model_config = PixNetConfig(
-            n_genes=protocol.n_genes, encoder=EncoderConfig(config.encoder, config.weights), stride=config.stride
+            n_genes=protocol.n_genes,
+            encoder=EncoderConfig(config.encoder, config.weights),
+            stride=config.stride,
+            gene_rank=config.gene_rank,
         )
-        model = PixNet(model_config).to(device)
+        model = PixNet(model_config)
         model.set_output_scale(mean_density(train_slides, config.stride))
+        if config.gene_rank:
+            model.set_gene_components(torch.from_numpy(gene_basis(config, train_slides, protocol)))
+        model = model.to(device)
+    raw_term = RawTerm(config.raw_loss, protocol.n_genes).to(device)
     optimiser = make_optimiser(model, config)
+    if list(raw_term.parameters()):  # the negative binomial's dispersions learn at the decoder's rate
+        optimiser.add_param_group({"params": list(raw_term.parameters()), "lr": config.lr})
     schedule = warmup_cosine(optimiser, config.steps)
     if start:
         _continue_schedule(schedule, start)
@@ -187,12 +209,13 @@ def train_pixnet(
             torch.from_numpy(batch.targets).to(device),
             protocol,
             config.raw_weight,
+            raw_term,
         )
         optimiser.zero_grad(set_to_none=True)
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimiser.step()
-        lr = optimiser.param_groups[-1]["lr"]  # the decoder's rate this step (the encoder's is a fixed factor)
+        lr = optimiser.param_groups[1]["lr"]  # the decoder's rate this step (the encoder's is a fixed factor)
         schedule.step()
         loss = float(terms["loss"].detach())
         running = loss if running is None else 0.9 * running + 0.1 * loss

@@ -23,7 +23,7 @@ from typing import Any
 from ..device import DEVICES
 from ..errors import GenemapInputError
 from ..models.registry import INPUT_MULTIPLE, import_object
-from .config import TrainConfig, slide_name
+from .config import RAW_TERMS, TrainConfig, slide_name
 
 
 @dataclass(frozen=True)
@@ -199,6 +199,16 @@ PIXNET = TrainingStage(
         _pixnet_setting("mpp", "µm per pixel", minimum=0.05, maximum=100.0, tip="the scale the model works at"),
         _pixnet_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
         _pixnet_setting("weights", "encoder start", choices=("imagenet", "random")),
+        _pixnet_setting(
+            "raw_loss", "count term", choices=RAW_TERMS, tip="raw-scale loss: log1p MSE, Poisson or negative binomial"
+        ),
+        _pixnet_setting(
+            "gene_rank",
+            "gene components",
+            minimum=0,
+            maximum=10**4,
+            tip="0: one head per gene; k: genes as a mix of k principal components of the training counts",
+        ),
         _pixnet_setting("device", "device", choices=DEVICES),
         _pixnet_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
     ),
