@@ -155,3 +155,21 @@ def test_a_low_rank_negative_binomial_run_fits_its_basis_on_counts_without_image
         bad = tmp_path / "A1.tsv.gz"
         bad.write_bytes(b"\x1f\x8b not gzip")
         read_counts(bad)
+
+
+def test_stain_jitter_strength_is_a_switch(sample_slide):
+    from napari_genemap.train.sampler import WindowSampler
+
+    slide = load_training_slide(sample_slide, hist2st(), 4.0, "B4_crop")
+    plain = WindowSampler([slide], 64, seed=3, stain=0.0).batch(6).images
+    still = WindowSampler([slide], 64, seed=3, stain=0.0).batch(6).images
+    np.testing.assert_array_equal(plain, still)
+    spreads = {}
+    for strength in (0.05, 0.3):
+        jittered = WindowSampler([slide], 64, seed=3, stain=strength).batch(6).images
+        # same windows (the dihedral draws come first), so the log ratio is the jitter alone
+        inside = (plain > 0.05) & (plain < 0.95) & (jittered > 0.01) & (jittered < 0.99)
+        spreads[strength] = float(np.std(np.log(jittered[inside]) - np.log(plain[inside])))
+    assert spreads[0.3] > 3 * spreads[0.05] > 0
+    with pytest.raises(GenemapInputError, match="stain_jitter 2.0: expected 0 .none. to 1"):
+        TrainConfig.from_dict({"slides": [{"path": "data"}], "out": "ckpt", "stain_jitter": 2.0})

@@ -34,6 +34,7 @@ class TrainConfig:
     encoder_lr_factor: float = 0.3  # the pretrained encoder moves slower than the new decoder
     weight_decay: float = 1e-4
     raw_weight: float = 0.1
+    stain_jitter: float = 0.05  # spread of the per-channel optical-density scale (`sampler.stain_jitter`)
     raw_loss: str = "log1p"  # the raw-scale term: log1p MSE, or a Poisson / negative-binomial likelihood
     gene_rank: int = 0  # 0: a gene head of its own per gene; k: genes as a learned mix of k components
     gene_basis: list[str] = field(default_factory=list)  # counts tables (.tsv[.gz], .h5ad) the components'
@@ -68,6 +69,8 @@ class TrainConfig:
         if self.steps < 1 or self.batch < 1 or self.mpp <= 0:
             raise GenemapInputError(f"{source}: steps, batch and mpp must be positive")
         check_device_name(self.device, f"{source}: device")
+        if not 0 <= self.stain_jitter <= 1:
+            raise GenemapInputError(f"{source}: stain_jitter {self.stain_jitter}: expected 0 (none) to 1")
         if self.raw_loss not in RAW_TERMS:
             raise GenemapInputError(f"{source}: raw_loss {self.raw_loss!r}: expected one of {', '.join(RAW_TERMS)}")
         if self.gene_rank < 0:

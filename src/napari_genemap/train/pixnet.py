@@ -173,7 +173,7 @@ def train_pixnet(
     schedule = warmup_cosine(optimiser, config.steps)
     if start:
         _continue_schedule(schedule, start)
-    sampler = WindowSampler(train_slides, config.window, augment=True, seed=config.seed + start)
+    sampler = WindowSampler(train_slides, config.window, seed=config.seed + start, stain=config.stain_jitter)
     provenance = run_provenance(config)
     save_dtype = torch.float16 if config.save_dtype == "float16" else torch.float32
     best, history, started = -math.inf, [], time.perf_counter()

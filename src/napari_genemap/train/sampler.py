@@ -62,10 +62,13 @@ def _augment(window: np.ndarray, centers: np.ndarray, size: int, rng: np.random.
 class WindowSampler:
     """Random training windows of ``size`` px, each holding at least one whole spot."""
 
-    def __init__(self, slides: list[TrainingSlide], size: int, augment: bool = True, seed: int = 0):
+    def __init__(
+        self, slides: list[TrainingSlide], size: int, augment: bool = True, seed: int = 0, stain: float = 0.05
+    ):
         self.slides = slides
         self.size = size
         self.augment = augment
+        self.stain = stain  # `stain_jitter`'s strength
         self.rng = np.random.default_rng(seed)
         fits = [np.flatnonzero(2 * slide.radii <= size - 2) for slide in slides]  # room for whole-pixel origins
         self._choices = [(i, j) for i, spots in enumerate(fits) for j in spots]
@@ -87,7 +90,7 @@ class WindowSampler:
         window = to_input(window)[0].numpy()
         if self.augment:
             window, centers = _augment(window, centers, size, self.rng)
-            window = stain_jitter(window, self.rng)
+            window = stain_jitter(window, self.rng, self.stain)
         return window, centers, slide.radii[members], slide, members
 
     def batch(self, n: int) -> WindowBatch:
