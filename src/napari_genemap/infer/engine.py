@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.resample import ModelFrameReader
+from ..data.stain import apply_od_matrix, normalising_matrix, slide_stains
 from ..device import device_type
 from ..errors import GenemapDataWarning, GenemapInputError
 from ..models.registry import GENE_MAP_MODELS
@@ -114,7 +115,6 @@ class ModelOwner:
 GLASS_MARGIN = 12  # grey levels below the glass's brightness where tissue starts
 GLASS_FLOOR = 225  # glass is at least this bright: a crop without glass keeps its palest tissue (~210)
 CLOSING_UM = 50.0  # gaps in tissue narrower than this (pale stroma, fat) stay tissue
-MASK_MIN_UM = 4.0  # the mask's pixels are at least this large: fine enough for tiles and the 8 µm map
 
 
 def tissue_mask(levels, scales: list[float], mpp: float, max_side: int = 2048) -> tuple[np.ndarray, float]:
@@ -128,9 +128,9 @@ def tissue_mask(levels, scales: list[float], mpp: float, max_side: int = 2048) -
     colour rule alone called eosin-tinted glass around sections tissue (a third of HER2ST C3)."""
     from scipy import ndimage
 
-    coarse_enough = [i for i, level in enumerate(levels) if max(level.shape[1:]) <= max_side]
-    fine_enough = [i for i in coarse_enough if scales[i] * mpp >= MASK_MIN_UM]
-    index = (fine_enough or coarse_enough or [len(levels) - 1])[0]
+    from ..io.canonical import overview_level
+
+    index = overview_level(levels, scales, mpp, max_side)
     pixels = np.asarray(levels[index]).astype(np.int16)
     grey = pixels.mean(0)
     glass = max(float(np.percentile(grey, 95)), GLASS_FLOOR)
@@ -226,6 +226,10 @@ class TileEngine:
         value["backend"] = self.backend if runner_factory is None else f"custom-{id(runner_factory)}"
         if tta:  # only then: the caches of every run without it keep their names
             value["tta"] = "dihedral-8"
+        # a model trained on stain-normalised input sees every tile of this slide through one fixed map
+        self.stain_matrix = None if model.stain is None else normalising_matrix(slide_stains(sdata), model.stain)
+        if self.stain_matrix is not None:
+            value["stain"] = [round(float(x), 6) for x in self.stain_matrix.ravel()]
         self.tta = tta
         self.batch_size = batch_size or (4 if kind == "cuda" else 1)
         self._runner_factory = runner_factory
@@ -481,7 +485,8 @@ class TileEngine:
             yield batch, values
 
     def _windows(self, tiles: list[Tile]) -> np.ndarray:
-        return np.stack([self.reader.read(*self.grid.window_box(*tile)) for tile in tiles])
+        windows = np.stack([self.reader.read(*self.grid.window_box(*tile)) for tile in tiles])
+        return windows if self.stain_matrix is None else apply_od_matrix(windows, self.stain_matrix)
 
     # --- coarser levels ----------------------------------------------------------------------------------
     def _downsample(self, level: int, row: int, column: int) -> None:

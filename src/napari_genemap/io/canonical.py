@@ -213,6 +213,23 @@ def image_levels(sdata: sd.SpatialData) -> tuple[list[da.Array], list[float]]:
     return arrays, scales
 
 
+OVERVIEW_MIN_UM = 4.0  # an overview's pixels are at least this large: fine enough for tiles and the 8 µm map
+
+
+def overview_level(levels: list, scales: list[float], mpp: float, max_side: int = 2048) -> int:
+    """The level a whole-slide estimate (tissue mask, stains) reads: the finest of at most ``max_side`` px
+    whose pixels are at least `OVERVIEW_MIN_UM`, else the coarsest small enough, else the coarsest."""
+    coarse_enough = [i for i, level in enumerate(levels) if max(level.shape[1:]) <= max_side]
+    fine_enough = [i for i in coarse_enough if scales[i] * mpp >= OVERVIEW_MIN_UM]
+    return (fine_enough or coarse_enough or [len(levels) - 1])[0]
+
+
+def overview_pixels(sdata: sd.SpatialData) -> np.ndarray:
+    """The overview level's pixels (y, x, 3) uint8 (see `overview_level`)."""
+    levels, scales = image_levels(sdata)
+    return np.moveaxis(np.asarray(levels[overview_level(levels, scales, slide_mpp(sdata))]), 0, -1)
+
+
 def spot_geometry(sdata: sd.SpatialData) -> tuple[np.ndarray, np.ndarray]:
     """Spot centres (n, 2) as (x, y) and radii (n,), in slide pixels, in the counts table's row order."""
     spots = sdata.shapes[SPOTS_KEY]

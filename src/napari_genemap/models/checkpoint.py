@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from ..data.protocols import Protocol
+from ..data.stain import StainBasis
 from ..errors import GenemapInputError
 from ..io.atomic import atomic_dir
 from .registry import DEFAULT_MODEL, EXPORTABLE, INPUT_MULTIPLE, MODELS, ModelConfig, model_class, model_name
@@ -54,8 +55,10 @@ class GeneMapModel:
         stride: int | None = None,
         build: Callable[[], nn.Module] | None = None,
         model_class: str = DEFAULT_MODEL,
+        stain: StainBasis | None = None,
     ):
-        """``model``, or ``build`` (made on first use) with the ``stride`` it will have."""
+        """``model``, or ``build`` (made on first use) with the ``stride`` it will have; ``stain``: the
+        stains its input is normalised to (`data.stain`), None when it takes slides as they are."""
         if model is None and (build is None or stride is None):
             raise ValueError("a GeneMapModel needs its model, or a builder and the model's stride")
         self.protocol = protocol
@@ -66,6 +69,7 @@ class GeneMapModel:
         self.metrics = metrics or {}
         self.digest = digest  # sha256 of the weights file: identifies the checkpoint in caches
         self.model_class = model_class  # its name in `registry.MODELS`
+        self.stain = stain
         self._model, self._build, self._stride = model, build, stride
         self._lock = threading.Lock()
 
@@ -120,9 +124,11 @@ def save_checkpoint(
     provenance: dict | None = None,
     metrics: dict | None = None,
     dtype: torch.dtype | None = None,
+    stain: StainBasis | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (temporary sibling, then rename over any old one); ``dtype``
-    of the floating-point weights (default float32)."""
+    of the floating-point weights (default float32); ``stain``: the stains the model's input was normalised
+    to in training (every slide it predicts is normalised to them too)."""
     import torch
     from safetensors.torch import save_file
 
@@ -146,6 +152,8 @@ def save_checkpoint(
         "provenance": provenance or {},
         "metrics": metrics or {},
     }
+    if stain is not None:
+        config["stain"] = stain.to_dict()
     dtype = dtype or torch.float32
     state = {
         key: value.detach().to("cpu", dtype if value.is_floating_point() else value.dtype).contiguous()
@@ -324,7 +332,19 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         stride=stride if lazy else None,
         build=(lambda: _build_model(folder, config, device)) if lazy else None,
         model_class=name,
+        stain=_read_stain(config, config_path),
     )
+
+
+def _read_stain(config: dict, config_path: Path) -> StainBasis | None:
+    if "stain" not in config:
+        return None
+    try:
+        return StainBasis.from_dict(config["stain"])
+    except (GenemapInputError, TypeError, KeyError, ValueError, AttributeError):
+        raise GenemapInputError(
+            f"{config_path}: field 'stain' is malformed; expected macenko vectors (3 x 2) and 2 maximum concentrations"
+        ) from None
 
 
 def _build_model(folder: Path, config: dict, device) -> nn.Module:

@@ -35,6 +35,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     raw_weight: float = 0.1
     stain_jitter: float = 0.05  # spread of the per-channel optical-density scale (`sampler.stain_jitter`)
+    stain_normalise: bool = False  # Macenko: every slide re-stained with the training slides' stains
     raw_loss: str = "log1p"  # the raw-scale term: log1p MSE, or a Poisson / negative-binomial likelihood
     gene_rank: int = 0  # 0: a gene head of its own per gene; k: genes as a learned mix of k components
     gene_basis: list[str] = field(default_factory=list)  # counts tables (.tsv[.gz], .h5ad) the components'

@@ -62,6 +62,8 @@ class DiffBulkStage2Config(TrainConfig):
             raise GenemapInputError(f"{source}: field 'head' is {self.head!r}; expected one of {', '.join(HEADS)}")
         if self.head == "pooled" and self.resume:
             raise GenemapInputError(f"{source}: field 'resume': a pooled stage 2 trains in one go; remove it")
+        if self.stain_normalise:
+            raise GenemapInputError(f"{source}: field 'stain_normalise': DiffBulk's stage 2 takes slides as they are")
         if self.gene_rank:
             raise GenemapInputError(f"{source}: field 'gene_rank': DiffBulk's stage 2 has a full gene head; remove it")
         if self.head == "pooled" and self.raw_loss != "log1p":
@@ -107,6 +109,11 @@ def build_stage2_model(config: DiffBulkStage2Config, protocol=None):
         pixnet_checkpoint = load_checkpoint(config.pathology)
         if pixnet_checkpoint.model_class != "PixNet":
             raise GenemapInputError(f"{config.pathology}: holds a {pixnet_checkpoint.model_class}; expected a PixNet")
+        if pixnet_checkpoint.stain is not None:
+            raise GenemapInputError(
+                f"{config.pathology}: this PixNet takes stain-normalised input; DiffBulk's stage 2 needs one that "
+                "takes slides as they are"
+            )
         if not math.isclose(pixnet_checkpoint.mpp, config.mpp, rel_tol=1e-6):
             raise GenemapInputError(
                 f"{config.pathology}: PixNet works at {pixnet_checkpoint.mpp} µm/px; the config asks {config.mpp}"

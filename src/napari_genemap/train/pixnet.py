@@ -13,13 +13,14 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import cast
 
 import numpy as np
 import torch
 
 from ..data.protocols import Protocol, get_protocol
+from ..data.stain import StainBasis
 from ..data.windows import TrainingSlide, load_training_slide
 from ..device import resolve_device
 from ..errors import GenemapInputError
@@ -81,6 +82,23 @@ def gene_basis(config: TrainConfig, train_slides: list[TrainingSlide], protocol:
     else:
         tables = [slide.raw for slide in train_slides]
     return gene_components(tables, config.gene_rank)
+
+
+def normalise_stains(
+    slides: dict[str, TrainingSlide], validation: list[str], stain: StainBasis | None = None
+) -> tuple[dict[str, TrainingSlide], StainBasis]:
+    """Every slide re-stained (Macenko) with ``stain``, by default the training slides' pooled stains (never
+    a validation slide's); new slides, the given ones are left as they are (a benchmark reuses them)."""
+    from ..data.stain import apply_od_matrix, image_stains, normalising_matrix
+
+    if stain is None:
+        training = [s for name, s in slides.items() if name not in validation]
+        stain = image_stains([s.image for s in training], training[0].mpp)
+    normalised = {}
+    for name, slide in slides.items():
+        matrix = normalising_matrix(image_stains([slide.image], slide.mpp), stain)
+        normalised[name] = replace(slide, image=apply_od_matrix(slide.image, matrix))
+    return normalised, stain
 
 
 def make_optimiser(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -146,10 +164,13 @@ def train_pixnet(
         slides, protocol = load_slides(config, protocol)
     elif protocol is None:
         raise GenemapInputError("pre-loaded slides need the protocol their targets were normalised with")
+    if not [name for name in slides if name not in config.validation]:
+        raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
+    stain = resumed[0].stain if resumed is not None else None  # a resumed run keeps its reference stains
+    if config.stain_normalise or stain is not None:
+        slides, stain = normalise_stains(slides, config.validation, stain)
     train_slides = [s for name, s in slides.items() if name not in config.validation]
     valid_slides = [slides[name] for name in config.validation]
-    if not train_slides:
-        raise GenemapInputError("every slide is a validation slide; nothing is left to train on")
     if resumed is not None:
         model = resumed[0].model.to(device)
     elif model is not None:
@@ -245,6 +266,7 @@ def train_pixnet(
                     provenance=provenance,
                     metrics={"step": step, "validation_pcc_mean": scores or None},
                     dtype=save_dtype,
+                    stain=stain,
                 )
                 record["saved"] = saved = True
             saved_note = f"; saved {config.out}" if record.get("saved") else ""
