@@ -231,6 +231,11 @@ def test_pearson_follows_the_active_gene_and_says_what_it_counts(ready_panels, q
     text = maps.pcc_label.text()
     assert "49 of 49 measured spots in view" in text
     assert "(B4) was in the model's training data" in text  # the sample is a crop of a training section
+    # the canvas names the active map and its unit in lines short enough for a 1400 px window's canvas
+    # (one line of both was clipped at its left edge there)
+    lines = viewer.canvas.overlays.text.text.splitlines()
+    assert lines[0] == "KRT8 (pixnet-her2st)" and lines[1].startswith("colour bar: predicted counts per")
+    assert max(map(len, lines)) <= 50
 
 
 def test_gene_search_says_what_is_missing_and_never_acts_on_a_hidden_gene(ready_panels, qtbot):
@@ -338,3 +343,33 @@ def test_pause_is_acknowledged_at_once_and_the_map_can_be_smooth(ready_panels):
     maps.pause_box.setChecked(True)  # before the service answers: the status says so now
     assert maps.status.text().startswith("paused: the tile being predicted finishes")
     assert viewer.canvas.overlays.scale_bar.visible
+
+
+def test_the_panel_scrolls_rather_than_overlap_in_a_1400_by_900_window(viewer_with_sample, qtbot):
+    """The README's four docked panels in a 1400 x 900 window: once the status, Pearson and legend lines
+    are long, the gene list, its buttons and the check boxes must still not overlap (they did)."""
+    from qtpy.QtCore import QPoint
+
+    viewer = viewer_with_sample
+    viewer.window._qt_window.resize(1400, 900)
+    for widget, tabify in (("Slide & model", False), ("Training", True), ("Gene maps", True), ("Spots (ROIs)", False)):
+        viewer.window.add_plugin_dock_widget("napari-genemap", widget, tabify=tabify)
+    maps = viewer.window._dock_widgets["Gene maps (napari-genemap)"].widget()
+    long_line = "KRT8: Pearson 0.210 over 49 of 49 measured spots in view (protocol hist2st, spot integrals). " * 2
+    maps.pcc_label.setText(long_line)
+    maps.legend.setText(long_line)
+    maps.status.setText("view predicted")
+
+    def top_and_bottom(widget):
+        top = widget.mapTo(maps, QPoint(0, 0)).y()
+        return top, top + widget.height()
+
+    def stacked() -> bool:
+        order = [maps.search, maps.genes, maps.add_button, maps.pause_box, maps.smooth_box, maps.status]
+        spans = [top_and_bottom(w) for w in order + [maps.pcc_label, maps.legend]]
+        return all(upper[1] <= lower[0] for upper, lower in zip(spans, spans[1:], strict=False))
+
+    qtbot.waitUntil(lambda: maps.isVisible() and maps.genes.height() > 0, timeout=10_000)
+    qtbot.wait(200)
+    assert stacked(), [(w, top_and_bottom(getattr(maps, w))) for w in ("genes", "add_button", "pause_box")]
+    assert maps.genes.height() >= 120  # a few genes stay visible

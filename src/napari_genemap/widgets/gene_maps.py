@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QWidget
 
 from ..explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from ..infer.view import progress_text, view_plan
@@ -33,7 +33,7 @@ from ..layers import (
 )
 from ._contrast import MapContrast
 from ._pearson_line import PearsonLine
-from ._qt import connect_session, wrapped_label
+from ._qt import connect_session, scrolled_layout, wrapped_label
 
 VIEW_DEBOUNCE_MS = 120
 
@@ -64,7 +64,7 @@ class GeneMapsWidget(QWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.add_button)
         buttons.addWidget(self.remove_button)
-        layout = QVBoxLayout(self)
+        layout = scrolled_layout(self)  # a short dock scrolls the panel; squeezed, Qt overlapped its rows
         for widget in (self.search, self.search_note, self.genes):
             layout.addWidget(widget)
         layout.addLayout(buttons)
@@ -299,7 +299,8 @@ class GeneMapsWidget(QWidget):
         overlay = self.viewer.canvas.overlays.text
         if active is not None:
             info = active.metadata["genemap"]
-            overlay.text = self._overlay_text = f"{info['gene']} ({info['model']}): colour bar in {info['units']}"
+            # two short lines: one long line was clipped on a 1400 px window's canvas
+            overlay.text = self._overlay_text = f"{info['gene']} ({info['model']})\ncolour bar: {info['units']}"
             overlay.visible = True
         elif overlay.text == self._overlay_text:  # ours, and nothing left to explain
             overlay.visible = False
