@@ -21,7 +21,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QTextBrowser,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -29,7 +28,7 @@ from ..device import DEVICES
 from ..errors import GenemapInputError
 from ..layers import HE, show_only
 from ..models.registry import DEFAULT_MODEL, describe
-from ._qt import connect_session, wrapped_label
+from ._qt import connect_session, scrolled_layout, wrapped_label
 
 
 def he_layers(viewer) -> list:
@@ -102,7 +101,7 @@ class SlideModelWidget(QWidget):
         form.addRow("Checkpoint", checkpoint_row)
         form.addRow("Device", self.device)
         form.addRow("", self.tta)
-        layout = QVBoxLayout(self)
+        layout = scrolled_layout(self)  # as the Gene maps panel: a short dock scrolls rather than overlap
         layout.addLayout(form)
         for widget in (self.use_button, self.offer, self.active, self.status, self.card_button, self.card):
             layout.addWidget(widget)
