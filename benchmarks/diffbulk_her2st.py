@@ -294,6 +294,30 @@ def table() -> None:
                 f"| {fold['fold']} | {name} | {row['mean']:.4f} | {row['median']:.4f} | {row['global']:.4f} | "
                 f"{row['undefined']} | {train} |"
             )
+    summarise_folds(rows)
+
+
+def summarise_folds(rows: list[dict]) -> None:
+    """The models every finished fold has (seed 0), side by side: mean PCC per fold and over folds, and
+    what f adds to p (both - pathology; dense and pooled)."""
+    names = ["PixNet (the start)", *(f"stage 2, {v}" for v in VARIANTS)]
+    folds = {fold["fold"]: fold["rows"] for fold in rows}
+    names = [n for n in names if all(n in r for r in folds.values())]
+    if len(folds) < 2 or not names:
+        return
+    order = [s for s in SECTIONS if s in folds]
+    print("\n| mean PCC | " + " | ".join(order) + " | mean |")
+    print("|---|" + "---|" * (len(order) + 1))
+    for name in names:
+        values = [folds[s][name]["mean"] for s in order]
+        print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + f" | {np.mean(values):.4f} |")
+    for label, both, alone in (("dense", "both", "pathology"), ("pooled", "pooled", "pooled-pathology")):
+        both, alone = f"stage 2, {both}", f"stage 2, {alone}"
+        if both in names and alone in names:
+            gains = [folds[s][both]["mean"] - folds[s][alone]["mean"] for s in order]
+            print(
+                f"| f adds to p ({label}) | " + " | ".join(f"{g:+.4f}" for g in gains) + f" | {np.mean(gains):+.4f} |"
+            )
 
 
 def main() -> None:
