@@ -119,3 +119,28 @@ def test_a_stain_normalised_model_keeps_its_stains_and_the_engine_applies_them(s
     finally:
         for engine in engines:
             engine.close()
+
+
+def test_a_slide_without_tissue_is_named_when_its_stains_cannot_be_estimated(tmp_path):
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from napari_genemap.io import read_slide
+    from napari_genemap.train.pixnet import normalise_stains
+
+    blank = tmp_path / "glass.png"
+    Image.fromarray(np.full((600, 600, 3), 245, np.uint8)).save(blank)
+    with pytest.raises(GenemapInputError, match=r"glass.png: stain estimate: 0 stained pixels"):
+        slide_stains(read_slide(blank, mpp=1.0))
+
+    from napari_genemap.data.windows import TrainingSlide
+
+    tissue = stained(RUIFROK, tissue_concentrations(250 * 250)).reshape(250, 250, 3)
+    empty = np.zeros((0, 785), np.float32)
+    good = TrainingSlide("A", tissue, 2.0, np.zeros((0, 2)), np.zeros(0), empty, empty)
+    bad = replace(good, name="B", image=np.full((250, 250, 3), 250, np.uint8))
+    normalised, stain = normalise_stains({"A": good}, [])
+    assert (stain.vectors * (RUIFROK / np.linalg.norm(RUIFROK, axis=0))).sum(0).min() > 0.99
+    with pytest.raises(GenemapInputError, match=r"^B: stain estimate: 0 stained pixels"):
+        normalise_stains({"A": good, "B": bad}, ["B"])

@@ -89,9 +89,12 @@ def fit_stains(pixels: np.ndarray, max_pixels: int = 200_000, seed: int = 0) -> 
 def slide_stains(sdata) -> StainBasis:
     """A canonical slide's stains, estimated from its overview level (the tissue mask's), so that the
     training slides and every slide a model predicts are measured alike."""
-    from ..io.canonical import overview_pixels
+    from ..io.canonical import overview_pixels, slide_info
 
-    return fit_stains(overview_pixels(sdata))
+    try:
+        return fit_stains(overview_pixels(sdata))
+    except GenemapInputError as error:
+        raise GenemapInputError(f"{slide_info(sdata).get('source', 'the slide')}: {error}") from None
 
 
 def image_stains(images: list[np.ndarray], mpp: float) -> StainBasis:
@@ -101,6 +104,14 @@ def image_stains(images: list[np.ndarray], mpp: float) -> StainBasis:
 
     step = max(1, round(OVERVIEW_MIN_UM / mpp))
     return fit_stains(np.concatenate([image[::step, ::step].reshape(-1, 3) for image in images]))
+
+
+def named_stains(images: dict[str, np.ndarray], mpp: float) -> StainBasis:
+    """`image_stains` of named images, an error naming them (a slide without tissue has no stains)."""
+    try:
+        return image_stains(list(images.values()), mpp)
+    except GenemapInputError as error:
+        raise GenemapInputError(f"{', '.join(images)}: {error}") from None
 
 
 def normalising_matrix(source: StainBasis, target: StainBasis) -> np.ndarray:

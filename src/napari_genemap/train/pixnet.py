@@ -89,14 +89,14 @@ def normalise_stains(
 ) -> tuple[dict[str, TrainingSlide], StainBasis]:
     """Every slide re-stained (Macenko) with ``stain``, by default the training slides' pooled stains (never
     a validation slide's); new slides, the given ones are left as they are (a benchmark reuses them)."""
-    from ..data.stain import apply_od_matrix, image_stains, normalising_matrix
+    from ..data.stain import apply_od_matrix, named_stains, normalising_matrix
 
     if stain is None:
-        training = [s for name, s in slides.items() if name not in validation]
-        stain = image_stains([s.image for s in training], training[0].mpp)
+        training = {name: s for name, s in slides.items() if name not in validation}
+        stain = named_stains({name: s.image for name, s in training.items()}, next(iter(training.values())).mpp)
     normalised = {}
     for name, slide in slides.items():
-        matrix = normalising_matrix(image_stains([slide.image], slide.mpp), stain)
+        matrix = normalising_matrix(named_stains({name: slide.image}, slide.mpp), stain)
         normalised[name] = replace(slide, image=apply_od_matrix(slide.image, matrix))
     return normalised, stain
 
