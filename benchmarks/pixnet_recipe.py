@@ -196,7 +196,10 @@ def ensemble(args) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         truth = load_training_slide(read_slide(DATA, section=args.fold), hist2st(), args.mpp, args.fold).targets
-    row = summarise_unit(np.mean([np.load(p) for p in paths], axis=0), truth.astype(np.float64))
+    prediction = np.mean([np.load(p) for p in paths], axis=0)
+    row = summarise_unit(prediction, truth.astype(np.float64))
+    (args.out / f"{args.fold}-{args.tag}").mkdir(parents=True, exist_ok=True)
+    np.save(args.out / f"{args.fold}-{args.tag}" / "test_prediction.npy", prediction)
     result = {
         "fold": args.fold,
         "tag": args.tag,
@@ -210,14 +213,36 @@ def ensemble(args) -> dict:
     return result
 
 
-def table() -> None:
-    """Every finished run: the chosen step, test mean PCC, and the change against the fold's baseline."""
+def fold_truth(fold: str) -> np.ndarray:
+    """The held-out section's protocol values (spots, genes), in the engine's spot order."""
+    from napari_genemap.data.protocols import hist2st
+    from napari_genemap.io import counts_table, read_slide
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = counts_table(read_slide(DATA, section=fold))
+    protocol = hist2st()
+    return protocol.normalise(protocol.counts(table))
+
+
+def table(out: Path) -> None:
+    """Every finished run: the chosen step, test mean PCC, and the change against the fold's baseline with
+    its paired bootstrap standard deviation over the test spots (`evaluate.metrics.paired_bootstrap_sd`)."""
+    from napari_genemap.evaluate.metrics import paired_bootstrap_sd
+
     rows = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("pixnet_recipe_*.json"))]
     base = {r["fold"]: r["test"]["mean"] for r in rows if r["tag"] == "baseline"}
-    print("| fold | recipe | steps | chosen step | test mean PCC | median | change vs baseline |")
+    truths: dict[str, np.ndarray] = {}
+    print("| fold | recipe | steps | chosen step | test mean PCC | median | change vs baseline (bootstrap sd) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        change = f"{r['test']['mean'] - base[r['fold']]:+.4f}" if r["fold"] in base else "–"
+        change = "–"
+        if r["fold"] in base and r["tag"] != "baseline":
+            change = f"{r['test']['mean'] - base[r['fold']]:+.4f}"
+            paths = [out / f"{r['fold']}-{tag}" / "test_prediction.npy" for tag in ("baseline", r["tag"])]
+            if all(p.exists() for p in paths):
+                truth = truths.setdefault(r["fold"], fold_truth(r["fold"]))
+                change += f" ({paired_bootstrap_sd(np.load(paths[0]), np.load(paths[1]), truth):.4f})"
         print(
             f"| {r['fold']} | {r['tag']} | {r['settings']['steps']} | {r['chosen_step']} | "
             f"{r['test']['mean']:.4f} | {r['test']['median']:.4f} | {change} |"
@@ -244,7 +269,7 @@ def main() -> int:
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
-        table()
+        table(args.out)
         return 0
     if args.fold is None:
         parser.error("--fold is required (or --table)")

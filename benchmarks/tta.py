@@ -29,18 +29,10 @@ DATA = ROOT.parents[1] / "shared" / "data" / "her2st"
 RESULTS = ROOT / "results"
 
 
-def mean_pcc(prediction: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Per-gene Pearson across spots (NaN where a gene is constant)."""
-    p = prediction - prediction.mean(0)
-    t = truth - truth.mean(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (p * t).sum(0) / np.sqrt((p * p).sum(0) * (t * t).sum(0))
-
-
 def run_fold(section: str, checkpoint: str, draws: int, seed: int) -> dict:
     from napari_genemap.data.protocols import hist2st
     from napari_genemap.data.windows import load_training_slide
-    from napari_genemap.evaluate.metrics import summarise_unit
+    from napari_genemap.evaluate.metrics import paired_bootstrap_sd, summarise_unit
     from napari_genemap.infer.aggregate import predict_measured_spots
     from napari_genemap.io import read_slide
     from napari_genemap.models.checkpoint import load_checkpoint
@@ -68,12 +60,6 @@ def run_fold(section: str, checkpoint: str, draws: int, seed: int) -> dict:
         }
         maps[tta] = prediction
         print(section, name, rows[name], flush=True)
-    rng = np.random.default_rng(seed)
-    changes = []
-    for _ in range(draws):
-        spots = rng.integers(len(truth), size=len(truth))
-        one, eight = (np.nanmean(mean_pcc(maps[t][spots], truth[spots])) for t in (False, True))
-        changes.append(eight - one)
     return {
         "section": section,
         "checkpoint": checkpoint,
@@ -81,7 +67,7 @@ def run_fold(section: str, checkpoint: str, draws: int, seed: int) -> dict:
         "spots": len(truth),
         "rows": rows,
         "change_mean_pcc": rows["8 views (tta)"]["mean"] - rows["one view"]["mean"],
-        "bootstrap_sd": float(np.std(changes)),
+        "bootstrap_sd": paired_bootstrap_sd(maps[False], maps[True], truth, draws, seed),
         "bootstrap_draws": draws,
     }
 

@@ -100,3 +100,17 @@ def test_cli_evaluate_prints_the_table(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("genemap: error:") and "no row names match the measured spots" in err
     assert "\n" not in err
+
+def test_paired_bootstrap_sd_of_a_change_in_mean_pcc():
+    from napari_genemap.evaluate.metrics import paired_bootstrap_sd
+
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(300, 20))
+    good = truth + rng.normal(scale=1.0, size=truth.shape)
+    worse = truth + rng.normal(scale=2.0, size=truth.shape)
+    assert paired_bootstrap_sd(good, good, truth) == 0  # the same spots for both: no change in any draw
+    spread = paired_bootstrap_sd(worse, good, truth, draws=300, seed=1)
+    assert spread == paired_bootstrap_sd(worse, good, truth, draws=300, seed=1)  # the seed fixes the draws
+    # the change in mean PCC (about 0.26 here) over resampled spots varies by roughly 1/sqrt(spots), shrunk
+    # by averaging 20 genes and by the pairing
+    assert 0.005 < spread < 0.05
