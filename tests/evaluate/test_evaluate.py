@@ -101,6 +101,7 @@ def test_cli_evaluate_prints_the_table(tmp_path, capsys):
     assert err.startswith("genemap: error:") and "no row names match the measured spots" in err
     assert "\n" not in err
 
+
 def test_paired_bootstrap_sd_of_a_change_in_mean_pcc():
     from napari_genemap.evaluate.metrics import paired_bootstrap_sd
 
