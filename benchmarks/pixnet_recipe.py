@@ -73,7 +73,7 @@ def run(args) -> dict:
     from napari_genemap.data.windows import load_training_slide
     from napari_genemap.io import read_slide
     from napari_genemap.models.checkpoint import load_checkpoint, read_checkpoint_config
-    from napari_genemap.train.pixnet import TrainConfig, evaluate_slides, train_pixnet
+    from napari_genemap.train.pixnet import TrainConfig, evaluate_slides, normalise_stains, train_pixnet
 
     folder = args.out / f"{args.fold}-{args.tag}"
     latest, best, curve_path = folder / "latest", folder / "best", folder / "curve.jsonl"
@@ -115,9 +115,12 @@ def run(args) -> dict:
             nonlocal best_score
             if not record.get("saved"):
                 return
-            model = load_checkpoint(latest).model.eval()
+            loaded = load_checkpoint(latest)
+            scored = {s: slides[s] for s in (validation, args.fold)}
+            if loaded.stain is not None:  # the model sees every slide re-stained, as the engine shows it them
+                scored, _ = normalise_stains(scored, [], loaded.stain)
             with torch.no_grad():
-                scores = evaluate_slides(model, [slides[validation], slides[args.fold]], protocol, args.window)
+                scores = evaluate_slides(loaded.model.eval(), list(scored.values()), protocol, args.window)
             row = {"step": record["step"], "validation": scores[validation], "test": scores[args.fold]}
             row["seconds"] = record["seconds"]
             with curve_path.open("a") as stream:
