@@ -38,10 +38,10 @@ class RawTerm(nn.Module):
     - ``log1p``: mean of (log1p(predicted) - log1p(measured))^2; pins the scale while barely pulling on the
       profile the protocol loss shapes.
     - ``poisson`` / ``nb``: the counts' negative log-likelihood minus its value at a perfect prediction (the
-      half deviance, 0 when predicted = measured; for ``nb`` the learned dispersion enters both, so it is
-      fitted by the full likelihood), divided by the batch's mean count + 1. The likelihoods weight a spot's
-      error by its counts, so undivided their size grows with sequencing depth; divided, they are on the log1p
-      term's scale and ``raw_weight`` keeps its meaning.
+      half deviance, 0 when predicted = measured; for ``nb`` that value is a constant to the learned
+      dispersion, which is so fitted by the full likelihood), divided by the batch's mean count + 1. The
+      likelihoods weight a spot's error by its counts, so undivided their size grows with sequencing depth;
+      divided, they are on the log1p term's scale and ``raw_weight`` keeps its meaning.
 
     ``nb`` holds one parameter per gene, log θ (variance μ + μ²/θ), started at θ = 10: it trains with the model
     and is not saved with it (prediction needs only the mean).
@@ -64,7 +64,8 @@ class RawTerm(nn.Module):
         else:
             theta = self.log_dispersion.exp()
             nll = _nb_nll(measured, mean, theta)
-            best = _nb_nll(measured, measured.clamp(min=1e-6), theta)
+            # θ detached here: its gradient is the full likelihood's (the deviance's would fit another θ)
+            best = _nb_nll(measured, measured.clamp(min=1e-6), theta.detach())
         return torch.mean(nll - best) / (measured.mean().detach() + 1)
 
 
