@@ -4,8 +4,9 @@ to the pathology encoder's?
 One fold per run (``--fold C3``), collected into ``benchmarks/results/diffbulk_<fold>.json``; ``--table``
 prints every finished fold side by side. For a fold (its test section never trained on, never used to choose
 anything), given its PixNet (``--pathology``, trained on the other four sections) and its stage 1
-(``--stage1``, trained on the same four: `examples/train_diffbulk_stage1_fold.toml`), the script trains stage 2
-three ways with the same seed, steps, windows and learning rate, from the same PixNet:
+(``--stage1``, trained on the same four: `examples/train_diffbulk_stage1_dense.toml` with the fold's section
+left out and ``steps = 1000``; the PixNet: `examples/train_pixnet_her2st.toml` likewise, ``steps = 100``), the
+script trains stage 2 three ways with the same seed, steps, windows and learning rate, from the same PixNet:
 
 - **both**: p (the PixNet, fine-tuned) fused with f (the frozen U-Net's features): DiffBulk's stage 2, dense;
 - **pathology**: p alone, trained exactly the same way (the control: what more training alone gives);

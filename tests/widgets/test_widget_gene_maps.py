@@ -373,3 +373,13 @@ def test_the_panel_scrolls_rather_than_overlap_in_a_1400_by_900_window(viewer_wi
     qtbot.wait(200)
     assert stacked(), [(w, top_and_bottom(getattr(maps, w))) for w in ("genes", "add_button", "pause_box")]
     assert maps.genes.height() >= 120  # a few genes stay visible
+
+    # a line that grows after the panel is laid out gets the height its wrapped text needs, not its old one
+    one_line = maps.status.height()
+    maps.status.setText(long_line * 2)
+
+    def shown_whole(label) -> bool:
+        return label.height() >= label.heightForWidth(label.width()) > one_line
+
+    qtbot.waitUntil(lambda: shown_whole(maps.status), timeout=5_000)
+    assert shown_whole(maps.pcc_label) and shown_whole(maps.legend) and stacked()
