@@ -163,6 +163,49 @@ def cmd_train(args) -> int:
     return 0 if summary["checkpoint"] or not reporting else 1  # rank 0 saved it (or says why not)
 
 
+def cmd_superres(args) -> int:
+    """Super-resolve a slide's measured spots with a Diff-ST checkpoint into a SpatialData store."""
+    from tqdm import tqdm
+
+    from .infer.superres import write_superres
+    from .models.diffst_format import read_diffst_config
+
+    out = Path(args.out)
+    if out.suffix != ".zarr":
+        raise GenemapInputError(f"--out {out}: a SpatialData store's name must end in .zarr")
+    if (out.exists() or out.is_symlink()) and not args.overwrite:
+        raise GenemapInputError(f"{out}: already exists (pass --overwrite)")
+    if args.samples < 1 or args.steps < 1:
+        raise GenemapInputError("--samples and --steps must be at least 1")
+    check_output_place(out, "the super-resolved store", folder=True, make_parents=True)
+    read_diffst_config(args.model)  # a bad checkpoint fails here, before the slide is read
+    bar: list[tqdm] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="super-resolving patches", unit="patch"))
+        bar[0].update(done - bar[0].n)
+
+    try:
+        path = write_superres(
+            _resolved(args.slide, "slide"),
+            args.model,
+            out,
+            section=args.section,
+            overwrite=args.overwrite,
+            samples=args.samples,
+            steps=args.steps,
+            seed=args.seed,
+            device=args.device,
+            progress=progress,
+        )
+    finally:
+        for shown in bar:
+            shown.close()
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_generate(args) -> int:
     """Draw tiles from a DiffBulk stage-1 model for a profile (a CSV, or a measured spot's tile)."""
     if (args.profile is None) == (args.spot is None):
@@ -516,6 +559,20 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
     generate.add_argument("--overwrite", action="store_true")
     generate.set_defaults(run=cmd_generate)
+
+    superres = sub.add_parser(
+        "superres", help="super-resolve a slide's measured spots with a Diff-ST checkpoint (mean and spread)"
+    )
+    superres.add_argument("slide", help="a slide with measured spots")
+    superres.add_argument("--model", required=True, help="a Diff-ST run folder (or its checkpoint/)")
+    superres.add_argument("--out", required=True, help="output SpatialData store, ending in .zarr")
+    superres.add_argument("--samples", type=int, default=8, help="draws per patch: their mean and spread")
+    superres.add_argument("--steps", type=int, default=20, help="Heun sampling steps")
+    superres.add_argument("--seed", type=int, default=0, help="the same seed draws the same maps")
+    superres.add_argument("--device", default="auto", choices=DEVICES, help="auto: CUDA when present")
+    superres.add_argument("--section", help="section name, for a HER2ST folder (e.g. B4)")
+    superres.add_argument("--overwrite", action="store_true")
+    superres.set_defaults(run=cmd_superres)
 
     demo = sub.add_parser("demo", help="run the main job on the bundled sample")
     demo.add_argument("--out", default="demo_output", help="output folder")

@@ -121,7 +121,7 @@ def test_a_registered_stage_is_a_genemap_train_choice_and_runs(tiny_registered, 
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--help"])
     assert exit_.value.code == 0
-    assert "{pixnet,diffbulk-stage1,diffbulk-stage2,tiny}" in capsys.readouterr().out
+    assert "{pixnet,diffbulk-stage1,diffbulk-stage2,diffst,tiny}" in capsys.readouterr().out
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"out": str(tmp_path / "ckpt"), "steps": 2, "genes": 3}))
     assert main(["train", "tiny", "--config", str(config), "--jsonl"]) == 0
@@ -175,7 +175,13 @@ def test_a_registered_stage_is_offered_in_the_training_panel(tiny_registered, ma
     widget = TrainingWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Training")
     labels = [widget.stage_box.itemText(i) for i in range(widget.stage_box.count())]
-    assert labels == ["PixNet", "DiffBulk stage 1 (diffusion)", "DiffBulk stage 2 (fusion)", "Tiny"]
+    assert labels == [
+        "PixNet",
+        "DiffBulk stage 1 (diffusion)",
+        "DiffBulk stage 2 (fusion)",
+        "Diff-ST (super-resolution)",
+        "Tiny",
+    ]
     widget.stage_box.setCurrentIndex(labels.index("Tiny"))
     assert widget.stage is TINY and widget.settings() == {"steps": 3, "genes": 2}
     slides = [{"path": str(sample_root()), "section": SECTION}]

@@ -46,6 +46,7 @@ class SuperResPair:
     lr_counts: np.ndarray
     centres: np.ndarray  # (H, W, 2) every cell's centre (x, y) in slide pixels (or µm for bins)
     kind: str = "square"
+    histology: np.ndarray | None = None  # (channels, H, W) per-cell histology features, when attached
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -130,6 +131,7 @@ class Patches:
     centres: np.ndarray
     origin: np.ndarray
     view: np.ndarray
+    histology: np.ndarray | None = None  # (n, channels, S, S) when the pair has histology features
 
 
 def patch_origins(pair: SuperResPair, size: int, min_spots: float = 0.25) -> np.ndarray:
@@ -162,7 +164,8 @@ def cut_patches(
     if pair.kind != "square" and np.any(views != 0):
         raise GenemapInputError(f"{pair.name}: a {pair.kind} grid has no dihedral views; expected view 0")
     f, small = pair.factor, size // pair.factor
-    fields: dict[str, list[np.ndarray]] = {k: [] for k in ("hr", "hr_mask", "lr", "lr_spots", "centres")}
+    keys = ("hr", "hr_mask", "lr", "lr_spots", "centres") + (() if pair.histology is None else ("histology",))
+    fields: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for (row, col), view in zip(origins, views, strict=True):
         hr_window = (slice(row, row + size), slice(col, col + size))
         lr_window = (slice(row // f, row // f + small), slice(col // f, col // f + small))
@@ -173,6 +176,8 @@ def cut_patches(
             "lr_spots": _padded(pair.lr_spots[lr_window], small),
             "centres": np.moveaxis(_padded(np.moveaxis(pair.centres[hr_window], -1, 0), size, edge=True), 0, -1),
         }
+        if pair.histology is not None:
+            pieces["histology"] = _padded(pair.histology[(slice(None), *hr_window)], size, edge=True)
         for key, value in pieces.items():
             spatial = (0, 1) if key == "centres" else (-2, -1)
             fields[key].append(dihedral(value, int(view), spatial))

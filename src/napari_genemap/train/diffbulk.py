@@ -49,6 +49,7 @@ from ..device import check_device_name
 from ..errors import GenemapInputError
 from . import distributed
 from .config import check_fields, read_config_file, resolve_paths, slide_name
+from .resume import duration, optimiser_groups, optimiser_state_tensors, restore_optimiser
 
 if TYPE_CHECKING:
     from ..data.protocols import Protocol
@@ -437,7 +438,7 @@ def train_diffbulk_stage1(
     generator = torch.Generator(device=device).manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if resumed is not None:
-        _restore(optimiser, generator, rng, tensors, state)
+        restore_optimiser(optimiser, generator, rng, tensors, state)
     provenance = {
         "training": [dict(s) for s in config.slides if slide_name(s) not in config.validation],
         "validation": list(config.validation),
@@ -480,7 +481,7 @@ def train_diffbulk_stage1(
         done = step - start
         per_step = (time.perf_counter() - loop_started) / done
         if progress is not None:
-            eta = _duration(per_step * (config.steps - step))
+            eta = duration(per_step * (config.steps - step))
             progress(step, config.steps, f"loss {running:.4f}; {per_step:.2f} s/step; ETA {eta}")
         record: dict[str, Any] = {
             "step": step,
@@ -499,7 +500,8 @@ def train_diffbulk_stage1(
             metrics = {"step": step, "loss": running, "validation_loss": bands}
             metrics["validation_loss_unconditioned"] = unconditioned
             values = {"step": step, "running": running, "numpy_rng": rng.bit_generator.state}
-            save_stage1_state = (_state_tensors(optimiser, generator), {**values, **_groups(optimiser)})
+            values.update(optimiser_groups(optimiser))
+            save_stage1_state = (optimiser_state_tensors(optimiser, generator), values)
             from ..models.diffbulk import save_stage1
 
             save_stage1(
@@ -710,40 +712,5 @@ def _png_text(label: str, step: int, config: DiffBulkStage1Config):
     return info
 
 
-def _state_tensors(optimiser, generator) -> dict[str, Any]:
-    import torch
-
-    tensors = {"rng.generator": generator.get_state(), "rng.torch": torch.get_rng_state()}
-    for index, values in optimiser.state_dict()["state"].items():
-        for key, value in values.items():
-            tensors[f"optimizer.{index}.{key}"] = torch.as_tensor(value)
-    return tensors
-
-
-def _groups(optimiser) -> dict:
-    return {"param_groups": optimiser.state_dict()["param_groups"]}
-
-
-def _restore(optimiser, generator, rng, tensors: dict, state: dict) -> None:
-    import torch
-
-    per_parameter: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            per_parameter.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} for g in state["param_groups"]]
-    optimiser.load_state_dict({"state": per_parameter, "param_groups": groups})
-    generator.set_state(tensors["rng.generator"])
-    torch.set_rng_state(tensors["rng.torch"])
-    rng.bit_generator.state = state["numpy_rng"]
-
-
 def _bands_text(bands: dict[str, float]) -> str:
     return ", ".join(f"{name} {value:.4f}" for name, value in bands.items())
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"

@@ -465,3 +465,47 @@ register_stage(
         model_class="DiffBulkDense",
     )
 )
+
+
+def _diffst_config(slides: list[dict], validation: list[str], settings: dict, out: str) -> dict:
+    config = _diffbulk_stage1_config(slides, validation, settings, out)
+    pathology = str(config.pop("pathology", "")).strip()
+    if pathology:
+        config["pathology"] = os.path.abspath(os.path.expanduser(pathology))
+    else:
+        config["histology"] = False  # no PixNet named: the LR map and the gene graph alone
+    return config
+
+
+def _diffst_setting(name: str, label: str, **options) -> Setting:
+    """A Diff-ST setting whose default is `DiffSTTrainConfig`'s (its module imports no torch)."""
+    config_class = import_object("napari_genemap.train.diffst:DiffSTTrainConfig")
+    return Setting(name, label, defaults_of(config_class)[name], **options)
+
+
+register_stage(
+    TrainingStage(
+        command="diffst",
+        label="Diff-ST (super-resolution)",
+        description="high-resolution maps from measured low-resolution ones and the H&E, with their spread",
+        settings=(
+            _diffst_setting(
+                "pathology", "PixNet features", tip="a PixNet checkpoint folder for histology; empty: no histology"
+            ),
+            _diffst_setting("protocol", "genes", choices=("hest", "hist2st", "triplex"), tip="hest: 50 most variable"),
+            _diffst_setting("factor", "LR block", minimum=2, maximum=16, tip="HR spots per LR block along a side"),
+            _diffst_setting("patch", "patch (spots)", minimum=2, maximum=256, tip="HR spots per patch side"),
+            _diffst_setting("steps", "steps", minimum=1, maximum=10**7, tip="optimiser steps in the whole run"),
+            _diffst_setting("batch_size", "batch", minimum=1, maximum=4096, tip="patches per step"),
+            _diffst_setting("lr", "learning rate", minimum=0.0, maximum=1.0),
+            _diffst_setting("eval_every", "validate every", minimum=1, maximum=10**7, tip="steps between checkpoints"),
+            _diffst_setting("device", "device", choices=DEVICES),
+            _diffst_setting("seed", "seed", minimum=0, maximum=2**31 - 1),
+        ),
+        build=_diffst_config,
+        run="napari_genemap.train.diffst:train_diffst",
+        config_class="napari_genemap.train.diffst:DiffSTTrainConfig",
+        model_class="DiffST",  # not in models.registry: it super-resolves measured maps, predicts none from H&E
+        read_checkpoint="napari_genemap.models.diffst_format:read_diffst_config",
+    )
+)

@@ -1,0 +1,127 @@
+"""Diff-ST end to end at a small size on the bundled sample: train, checkpoint, resume, cancel, super-resolve
+into a SpatialData store and read it back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_genemap.cli import main
+from napari_genemap.errors import GenemapInputError
+from napari_genemap.sample import SECTION, sample_root
+from napari_genemap.train.diffst import DiffSTTrainConfig, train_diffst
+
+GENES = ["HLA-B", "ISG15", "TFF3", "CD74", "KRT8", "MUCL1"]
+
+
+def config(out, pathology, **changes) -> DiffSTTrainConfig:
+    settings = dict(
+        slides=[{"path": str(sample_root()), "section": SECTION}],
+        out=str(out),
+        pathology=str(pathology),
+        protocol="hist2st",
+        genes=GENES,
+        patch=8,
+        width=[32, 64],
+        steps=4,
+        batch_size=4,
+        eval_every=2,
+        samples=2,
+        sample_steps=4,
+        threads=1,
+        device="cpu",
+    )
+    return DiffSTTrainConfig.from_dict({**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, random_checkpoint):
+    out = tmp_path_factory.mktemp("diffst") / "run"
+    return out, train_diffst(config(out, random_checkpoint))
+
+
+def test_a_run_validates_saves_and_its_checkpoint_loads(trained, sample_slide):
+    from napari_genemap.data.protocols import hist2st
+    from napari_genemap.data.superres import section_pair
+    from napari_genemap.models.diffst_checkpoint import load_diffst
+
+    out, summary = trained
+    assert summary["steps"] == 4 and not summary["cancelled"]
+    validated = [r for r in summary["history"] if "validation" in r]
+    assert [r["step"] for r in validated] == [2, 4]
+    assert set(validated[-1]["validation"]) == {SECTION}
+    assert validated[-1]["validation_on"] == "training slides"  # no validation slide was named
+    loaded = load_diffst(out)
+    assert loaded.protocol.genes == tuple(GENES) and loaded.model.config.genes == len(GENES)
+    assert loaded.model.config.histology_channels > 0 and loaded.pathology is not None
+    assert loaded.config["metrics"]["step"] == 4
+    # the standardisation is the training spots' own statistics, computed here independently
+    rule = hist2st()
+    pair = section_pair(sample_slide, type(rule)("p", tuple(GENES), rule.target_sum, rule.log), 2)
+    spots = pair.hr[:, pair.hr_mask]
+    np.testing.assert_allclose(loaded.standardisation.hr_mean, spots.mean(1), rtol=1e-5)
+    np.testing.assert_allclose(loaded.standardisation.hr_std, spots.std(1), rtol=1e-5)
+
+
+def test_a_run_resumes_where_it_stopped_and_cancels_cleanly(trained, random_checkpoint, tmp_path):
+    import shutil
+
+    from napari_genemap.models.diffst_checkpoint import load_diffst
+
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = {k: v.clone() for k, v in load_diffst(run).model.state_dict().items()}
+    summary = train_diffst(config(run, random_checkpoint, steps=6, resume=str(run / "checkpoint")))
+    assert [r["step"] for r in summary["history"]] == [5, 6]
+    after = load_diffst(run)
+    assert after.config["metrics"]["step"] == 6
+    assert any(not torch.equal(before[k], v) for k, v in after.model.state_dict().items())
+    with pytest.raises(GenemapInputError, match="at step 6 of 6"):
+        train_diffst(config(run, random_checkpoint, steps=6, resume=str(run / "checkpoint")))
+    stopped = train_diffst(config(tmp_path / "cancelled", random_checkpoint), cancel=lambda: True)
+    assert stopped["cancelled"] and stopped["checkpoint"] is None and stopped["steps"] == 0
+
+
+def test_bad_settings_are_refused_in_one_line(tmp_path):
+    with pytest.raises(GenemapInputError, match="'pathology' names no PixNet"):
+        config(tmp_path / "x", "", histology=True)
+    with pytest.raises(GenemapInputError, match="'factor' is 1"):
+        config(tmp_path / "x", "p", factor=1)
+    with pytest.raises(GenemapInputError, match="validation slide 'C9'"):
+        config(tmp_path / "x", "p", validation=["C9"])
+
+
+def test_superres_writes_a_store_that_spatialdata_reads_back(trained, tmp_path, sample_slide, capsys):
+    import spatialdata as sd
+
+    from napari_genemap.infer.superres import SUPERRES_CELLS, SUPERRES_TABLE
+
+    out, _ = trained
+    store = tmp_path / "superres.zarr"
+    argv = ["superres", str(sample_root()), "--section", SECTION, "--model", str(out), "--out", str(store)]
+    assert main([*argv, "--samples", "3", "--steps", "4", "--device", "cpu"]) == 0
+    sdata = sd.read_zarr(store)
+    table = sdata.tables[SUPERRES_TABLE]
+    assert list(table.var_names) == GENES and len(sdata.shapes[SUPERRES_CELLS]) == table.n_obs
+    assert int(table.obs["measured"].sum()) == 49  # every measured spot is an HR cell
+    assert table.n_obs % 4 == 0  # whole 2 x 2 blocks
+    # a measured cell points at its spot's row in the counts table, at the same place on the slide
+    measured = table.obs[table.obs["measured"]]
+    spots = sdata.shapes["spots"]
+    centres = np.column_stack([spots.geometry.x, spots.geometry.y])[measured["spot_index"].to_numpy()]
+    np.testing.assert_allclose(table.obsm["spatial"][table.obs["measured"].to_numpy()], centres)
+    assert np.isfinite(table.X).all() and (table.layers["spread"] >= 0).all() and table.layers["spread"].max() > 0
+    assert table.uns["genemap_superres"]["samples"] == 3
+    # the same seed draws the same maps; the LR layer is constant over each block
+    again = tmp_path / "again.zarr"
+    assert main([*argv[:-1], str(again), "--samples", "3", "--steps", "4", "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(sd.read_zarr(again).tables[SUPERRES_TABLE].X, table.X)
+    blocks = table.obs["row"].to_numpy() // 2 * 1000 + table.obs["col"].to_numpy() // 2
+    lr = table.layers["lr"]
+    for block in np.unique(blocks)[:5]:
+        assert np.ptp(lr[blocks == block], axis=0).max() == 0
+    capsys.readouterr()
+    assert main([*argv, "--device", "cpu"]) == 2  # exists, no --overwrite: one line
+    assert capsys.readouterr().err.strip().endswith("already exists (pass --overwrite)")
