@@ -27,6 +27,8 @@ MEASURED_SPOTS = SPOTS_KEY
 GENE_MAP = "gene_map"
 MEASURED_ON_MAP = "measured_spots"
 ROIS = "ROIs"
+SUPER_RESOLVED = "super_resolved"
+UNCERTAINTY = "uncertainty"
 
 
 def element_of(layer) -> str | None:
@@ -134,7 +136,69 @@ def slide_layers(sdata, gene: str | None = None, source: SlideSource | None = No
     spots = spots_layer(sdata, gene)
     if spots is not None:
         layers.append(spots)
+    return layers + superres_layers(sdata)
+
+
+def superres_layers(sdata, gene: str | None = None) -> list[tuple]:
+    """A store written by ``genemap superres``: its HR cells as two point layers for ``gene`` (default: the
+    gene whose super-resolved map varies most), "Super-resolved" (the mean of the draws) and "Uncertainty"
+    (their standard deviation, hidden at first); both carry every gene as a feature to colour by. Empty
+    for a slide without them."""
+    from .infer.superres import SUPERRES_CELLS, SUPERRES_TABLE
+
+    if SUPERRES_TABLE not in sdata.tables or SUPERRES_CELLS not in sdata.shapes:
+        return []
+    table = sdata.tables[SUPERRES_TABLE]
+    genes = [str(g) for g in table.var_names]
+    mean = pd.DataFrame(np.asarray(table.X), columns=genes)
+    if gene is None:
+        gene = str(mean.var(0).idxmax())
+    elif gene not in genes:
+        raise KeyError(f"gene {gene!r} is not super-resolved in this store")
+    cells = sdata.shapes[SUPERRES_CELLS]
+    points = np.column_stack([cells.geometry.y.to_numpy(), cells.geometry.x.to_numpy()])
+    mpp = slide_info(sdata)["mpp"]
+    settings = table.uns.get("genemap_superres", {})
+    layers = []
+    for element, values, colormap, label in (
+        (SUPER_RESOLVED, mean, "magma", "super-resolved"),
+        (UNCERTAINTY, pd.DataFrame(np.asarray(table.layers["spread"]), columns=genes), "viridis", "uncertainty"),
+    ):
+        features = values.copy()
+        features.insert(0, "measured", table.obs["measured"].to_numpy())
+        meta = {
+            "name": f"{gene} {label}",
+            "features": features,
+            "size": 2 * cells["radius"].to_numpy(),
+            "scale": (mpp, mpp),
+            "units": ("µm", "µm"),
+            "face_color": gene,
+            "face_colormap": colormap,
+            "border_width": 0,
+            "opacity": 0.9,
+            "visible": element == SUPER_RESOLVED,
+            "metadata": {
+                "genemap": {
+                    "element": element,
+                    "gene": gene,
+                    **slide_info(sdata),
+                    "units": f"{label}: protocol values ({_protocol_name(settings)})",
+                },
+                "sdata": sdata,
+            },
+        }
+        layers.append((points.copy(), meta, "points"))
     return layers
+
+
+def _protocol_name(settings: dict) -> str:
+    """The protocol's name in a super-resolved table's settings (stored as JSON)."""
+    import json
+
+    try:
+        return str(json.loads(settings.get("protocol", "{}")).get("name", "?"))
+    except (TypeError, ValueError):
+        return "?"
 
 
 def map_pixel_um(cache, sdata) -> float:

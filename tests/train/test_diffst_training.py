@@ -106,7 +106,8 @@ def test_superres_writes_a_store_that_spatialdata_reads_back(trained, tmp_path, 
     table = sdata.tables[SUPERRES_TABLE]
     assert list(table.var_names) == GENES and len(sdata.shapes[SUPERRES_CELLS]) == table.n_obs
     assert int(table.obs["measured"].sum()) == 49  # every measured spot is an HR cell
-    assert table.n_obs % 4 == 0  # whole 2 x 2 blocks
+    blocks = table.obs["row"].to_numpy() // 2 * 1000 + table.obs["col"].to_numpy() // 2
+    assert set(blocks) == set(blocks[table.obs["measured"].to_numpy()])  # every cell's block holds a spot
     # a measured cell points at its spot's row in the counts table, at the same place on the slide
     measured = table.obs[table.obs["measured"]]
     spots = sdata.shapes["spots"]
@@ -118,10 +119,41 @@ def test_superres_writes_a_store_that_spatialdata_reads_back(trained, tmp_path, 
     again = tmp_path / "again.zarr"
     assert main([*argv[:-1], str(again), "--samples", "3", "--steps", "4", "--device", "cpu"]) == 0
     np.testing.assert_array_equal(sd.read_zarr(again).tables[SUPERRES_TABLE].X, table.X)
-    blocks = table.obs["row"].to_numpy() // 2 * 1000 + table.obs["col"].to_numpy() // 2
     lr = table.layers["lr"]
     for block in np.unique(blocks)[:5]:
         assert np.ptp(lr[blocks == block], axis=0).max() == 0
     capsys.readouterr()
     assert main([*argv, "--device", "cpu"]) == 2  # exists, no --overwrite: one line
     assert capsys.readouterr().err.strip().endswith("already exists (pass --overwrite)")
+
+
+def test_a_super_resolved_store_opens_in_napari_with_both_layers(trained, tmp_path, make_napari_viewer):
+    """The store `genemap superres` writes, opened as a user opens it (the plugin's reader): H&E, the
+    measured spots, and the super-resolved and uncertainty layers of one gene coloured by their values."""
+    from napari_genemap.layers import SUPER_RESOLVED, UNCERTAINTY, element_of
+    from napari_genemap.plugin import get_reader
+
+    out, _ = trained
+    store = tmp_path / "sample_superres.zarr"
+    argv = ["superres", str(sample_root()), "--section", SECTION, "--model", str(out), "--out", str(store)]
+    assert main([*argv, "--samples", "3", "--steps", "4", "--device", "cpu"]) == 0
+    viewer = make_napari_viewer(show=True)
+    for data, meta, kind in get_reader(str(store))(str(store)):
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    elements = [element_of(layer) for layer in viewer.layers]
+    assert elements == ["he", "spots", SUPER_RESOLVED, UNCERTAINTY]
+    mean, spread = viewer.layers[2], viewer.layers[3]
+    gene = mean.metadata["genemap"]["gene"]
+    assert gene in GENES and spread.metadata["genemap"]["gene"] == gene
+    assert len(mean.data) == len(spread.data) and int(mean.features["measured"].sum()) == 49
+    # colours follow the values: the cell of the highest mean is the brightest magma (not one flat colour)
+    values = mean.features[gene].to_numpy()
+    brightness = mean.face_color[:, :3].sum(1)
+    assert brightness[values.argmax()] > brightness[values.argmin()]
+    assert mean.visible and not spread.visible
+    # the cells sit on the H&E: inside the image's extent in µm
+    image_extent = np.asarray(viewer.layers[0].extent.world)
+    cells = mean.data * np.asarray(mean.scale)
+    assert (cells >= image_extent[0]).all() and (cells <= image_extent[1]).all()
+    viewer.layers[3].visible = True
+    viewer.screenshot(str(tmp_path / "superres.png"), canvas_only=False)

@@ -5,8 +5,8 @@ The slide's spots are paired as in training (`data.superres.section_pair`): the 
 the histology, so every HR cell with a spot can be checked against what was measured there. The store
 holds the slide as read (H&E, spots, counts) plus:
 
-- ``shapes["superres_cells"]``: every HR grid cell of a block that holds a spot, as a circle of the spot's
-  radius at its centre (slide pixels);
+- ``shapes["superres_cells"]``: every HR grid cell on the slide's image in a block that holds a spot, as a
+  circle of the spot's radius at its centre (slide pixels);
 - ``tables["superres"]`` annotating them: ``X`` the mean of the ``samples`` draws (protocol values, the
   protocol in ``uns``), ``layers["spread"]`` their standard deviation, ``layers["lr"]`` the block's LR
   value on each of its cells; ``obs``: grid ``row``/``col``, ``measured`` (a spot is there) and, where one
@@ -43,7 +43,7 @@ def superres_slide(
     from ..data.spot_grid import spot_grid
     from ..data.superres import section_pair
     from ..device import resolve_device
-    from ..io.canonical import COORDINATE_SYSTEM, TABLE_KEY, counts_table, spot_geometry
+    from ..io.canonical import COORDINATE_SYSTEM, TABLE_KEY, counts_table, image_levels, spot_geometry
     from ..models.checkpoint import load_checkpoint
     from ..models.diffst_checkpoint import load_diffst
     from ..models.diffst_section import section_histology, super_resolve_section
@@ -72,7 +72,11 @@ def superres_slide(
         progress=progress,
     )
     covered = np.kron(pair.lr_spots > 0, np.ones((config.factor, config.factor), dtype=bool))
-    rows, cols = np.nonzero(covered)
+    levels, scales = image_levels(sdata)
+    height, width = levels[0].shape[1] * scales[0], levels[0].shape[2] * scales[0]
+    x, y = pair.centres[..., 0], pair.centres[..., 1]
+    on_slide = (x >= 0) & (y >= 0) & (x < width) & (y < height)  # a crop's grid may reach past its image
+    rows, cols = np.nonzero(covered & on_slide)
     _, radii = spot_geometry(sdata)
     centres = pair.centres[rows, cols]
     spot_index = np.full(pair.shape, -1, dtype=np.int64)
