@@ -157,3 +157,19 @@ def test_a_super_resolved_store_opens_in_napari_with_both_layers(trained, tmp_pa
     assert (cells >= image_extent[0]).all() and (cells <= image_extent[1]).all()
     viewer.layers[3].visible = True
     viewer.screenshot(str(tmp_path / "superres.png"), canvas_only=False)
+
+
+def test_the_training_panel_stage_makes_configs_the_run_accepts_and_reads_its_step(trained, tmp_path):
+    from napari_genemap.train import stages
+
+    out, _ = trained
+    stage = stages.stage_named("diffst")
+    slides = [{"path": str(sample_root()), "section": SECTION}]
+    with_histology = stage.config(slides, [], {"pathology": str(out / "checkpoint" / "pathology")}, str(tmp_path / "a"))
+    assert DiffSTTrainConfig.from_dict(with_histology).histology
+    without = DiffSTTrainConfig.from_dict(stage.config(slides, [], {}, str(tmp_path / "b")))
+    assert not without.histology and without.pathology == ""
+    assert not stage.makes_gene_maps  # never offered to Slide & model: it needs measured spots
+    assert stages.checkpoint_step(out, stage.read_checkpoint) == 4
+    with pytest.raises(GenemapInputError, match="holds a checkpoint already"):
+        stages.check_output(out, 10, read=stage.read_checkpoint)
