@@ -10,7 +10,7 @@ import torch
 from napari_genemap.cli import main
 from napari_genemap.errors import GenemapInputError
 from napari_genemap.sample import SECTION, sample_root
-from napari_genemap.train.diffst import DiffSTTrainConfig, train_diffst
+from napari_genemap.train.diffst import DiffSTTrainConfig, standardisation_of, train_diffst
 
 GENES = ["HLA-B", "ISG15", "TFF3", "CD74", "KRT8", "MUCL1"]
 
@@ -56,12 +56,19 @@ def test_a_run_validates_saves_and_its_checkpoint_loads(trained, sample_slide):
     assert loaded.protocol.genes == tuple(GENES) and loaded.model.config.genes == len(GENES)
     assert loaded.model.config.histology_channels > 0 and loaded.pathology is not None
     assert loaded.config["metrics"]["step"] == 4
-    # the standardisation is the training spots' own statistics, computed here independently
+    # the target is each spot's departure from its 2 x 2 block's LR value (residual, the default): its
+    # statistics over the training spots, computed here spot by spot
     rule = hist2st()
     pair = section_pair(sample_slide, type(rule)("p", tuple(GENES), rule.target_sum, rule.log), 2)
-    spots = pair.hr[:, pair.hr_mask]
-    np.testing.assert_allclose(loaded.standardisation.hr_mean, spots.mean(1), rtol=1e-5)
-    np.testing.assert_allclose(loaded.standardisation.hr_std, spots.std(1), rtol=1e-5)
+    rows, cols = np.nonzero(pair.hr_mask)
+    departures = pair.hr[:, rows, cols] - pair.lr[:, rows // 2, cols // 2]
+    assert loaded.standardisation.residual
+    np.testing.assert_allclose(loaded.standardisation.hr_mean, departures.mean(1), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(loaded.standardisation.hr_std, departures.std(1), rtol=1e-4)
+    # without the residual, the spots' own statistics
+    plain = standardisation_of([pair], residual=False)
+    np.testing.assert_allclose(plain.hr_mean, pair.hr[:, rows, cols].mean(1), rtol=1e-5)
+    assert not plain.residual and not np.allclose(plain.hr_mean, loaded.standardisation.hr_mean)
 
 
 def test_a_run_resumes_where_it_stopped_and_cancels_cleanly(trained, random_checkpoint, tmp_path):
@@ -173,3 +180,26 @@ def test_the_training_panel_stage_makes_configs_the_run_accepts_and_reads_its_st
     assert stages.checkpoint_step(out, stage.read_checkpoint) == 4
     with pytest.raises(GenemapInputError, match="holds a checkpoint already"):
         stages.check_output(out, 10, read=stage.read_checkpoint)
+
+
+def test_the_residual_target_is_the_spot_minus_its_block_and_unscales_back(sample_slide):
+    from napari_genemap.data.protocols import hist2st
+    from napari_genemap.data.superres import cut_patches, patch_origins, section_pair
+    from napari_genemap.models.diffst_section import patch_batch, prior_of
+
+    rule = hist2st()
+    pair = section_pair(sample_slide, type(rule)("p", tuple(GENES), rule.target_sum, rule.log), 2)
+    standardisation = standardisation_of([pair])
+    patches = cut_patches(pair, patch_origins(pair, 4), 4, views=np.arange(len(patch_origins(pair, 4))) % 8)
+    target = patch_batch(patches, standardisation).hr.numpy()
+    prior = prior_of(patches, standardisation)
+    measured = patches.hr_mask[:, None].repeat(len(GENES), 1)
+    # a spot's prior is its own block's LR value, in the patch's (turned) view as well
+    rows, cols = np.nonzero(patches.hr_mask[0])
+    np.testing.assert_array_equal(prior[0][:, rows, cols], patches.lr[0][:, rows // 2, cols // 2])
+    expected = (patches.hr - prior - standardisation.hr_mean[:, None, None]) / standardisation.hr_std[:, None, None]
+    np.testing.assert_allclose(target[measured], expected[measured], rtol=1e-5, atol=1e-5)
+    # what the model draws comes back as protocol values: the round trip is exact on measured spots
+    back = standardisation.unscale(target, prior)
+    np.testing.assert_allclose(back[measured], patches.hr[measured], atol=1e-5)
+    assert np.abs(prior[measured]).max() > 0.1  # the prior carries the LR map (not zeros)

@@ -114,6 +114,11 @@ def _pair(
     )
 
 
+def nearest_upsampled(lr: np.ndarray, factor: int) -> np.ndarray:
+    """LR maps (..., h, w) on the HR grid (..., h * factor, w * factor): each block's value on its cells."""
+    return np.repeat(np.repeat(np.asarray(lr, dtype=np.float32), factor, -2), factor, -1)
+
+
 def _normalised(protocol: Protocol, counts: np.ndarray, mask: np.ndarray) -> np.ndarray:
     values = protocol.normalise(counts.reshape(len(counts), -1).T.astype(np.float64))
     return np.where(mask, values.T.reshape(counts.shape), 0.0).astype(np.float32)

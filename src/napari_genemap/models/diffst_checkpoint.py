@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.protocols import Protocol
+from ..data.superres import nearest_upsampled
 from ..errors import GenemapInputError
 from ..io.atomic import atomic_dir
 from .diffst import DiffST, DiffSTConfig
@@ -41,33 +42,51 @@ STATE_JSON = "training_state.json"
 
 @dataclass(frozen=True)
 class Standardisation:
-    """Per-gene mean and standard deviation of the training HR spots and LR blocks (protocol values): the
-    model sees and draws standardised maps; `unscale` brings them back."""
+    """Per-gene mean and standard deviation of the model's HR target and of the LR blocks (protocol values):
+    the model sees and draws standardised maps; `unscale` brings them back.
+
+    With ``residual`` the HR target is each spot's departure from its block's LR value (`prior`: the LR map's
+    nearest upsampling), so the model draws only what the LR map does not say, and one that has learnt
+    nothing returns the nearest upsampling rather than noise. Without it (``residual`` False, as checkpoints
+    written before it) the target is the HR map itself."""
 
     hr_mean: np.ndarray
     hr_std: np.ndarray
     lr_mean: np.ndarray
     lr_std: np.ndarray
+    residual: bool = False
 
     def to_dict(self) -> dict:
-        return {key: np.asarray(getattr(self, key), dtype=float).tolist() for key in self.__dataclass_fields__}
+        data: dict = {key: np.asarray(getattr(self, key), dtype=float).tolist() for key in STATISTICS}
+        return {**data, "residual": self.residual}
 
     @classmethod
     def from_dict(cls, data: dict) -> Standardisation:
-        return cls(**{key: np.asarray(data[key], dtype=np.float32) for key in cls.__dataclass_fields__})
+        statistics = {key: np.asarray(data[key], dtype=np.float32) for key in STATISTICS}
+        return cls(**statistics, residual=bool(data.get("residual", False)))
 
-    def hr(self, values: np.ndarray) -> np.ndarray:
-        """Standardised HR maps (..., genes, H, W)."""
-        return (values - self.hr_mean[:, None, None]) / self.hr_std[:, None, None]
+    def prior(self, lr: np.ndarray, factor: int) -> np.ndarray:
+        """What the HR target is taken relative to, for LR maps (..., genes, h, w) -> (..., genes, h*f, w*f):
+        each block's value on its cells (residual), else zeros."""
+        upsampled = nearest_upsampled(lr, factor)
+        return upsampled if self.residual else np.zeros_like(upsampled)
+
+    def hr(self, values: np.ndarray, prior: np.ndarray | float = 0.0) -> np.ndarray:
+        """Standardised HR targets (..., genes, H, W) of protocol values."""
+        return (values - prior - self.hr_mean[:, None, None]) / self.hr_std[:, None, None]
 
     def lr(self, values: np.ndarray) -> np.ndarray:
         """Standardised LR maps (..., genes, H, W)."""
         return (values - self.lr_mean[:, None, None]) / self.lr_std[:, None, None]
 
-    def unscale(self, standardised: np.ndarray, gene_axis: int = -3) -> np.ndarray:
+    def unscale(self, standardised: np.ndarray, prior: np.ndarray | float = 0.0, gene_axis: int = -3) -> np.ndarray:
+        """Protocol values of standardised HR maps (the inverse of `hr`)."""
         shape = [1] * standardised.ndim
         shape[gene_axis] = -1
-        return standardised * self.hr_std.reshape(shape) + self.hr_mean.reshape(shape)
+        return standardised * self.hr_std.reshape(shape) + self.hr_mean.reshape(shape) + prior
+
+
+STATISTICS = ("hr_mean", "hr_std", "lr_mean", "lr_std")
 
 
 @dataclass

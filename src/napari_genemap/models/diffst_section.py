@@ -40,12 +40,8 @@ class PatchBatch(NamedTuple):
 def patch_batch(patches: Patches, standardisation: Standardisation, device="cpu", histology: bool = True) -> PatchBatch:
     """Model inputs of cut patches: standardised maps (0 where nothing was measured) and masks."""
     lr_mask = patches.lr_spots > 0
-    lr = np.where(
-        lr_mask[:, None], (patches.lr - _column(standardisation.lr_mean)) / _column(standardisation.lr_std), 0
-    )
-    hr = np.where(
-        patches.hr_mask[:, None], (patches.hr - _column(standardisation.hr_mean)) / _column(standardisation.hr_std), 0
-    )
+    lr = np.where(lr_mask[:, None], standardisation.lr(patches.lr), 0)
+    hr = np.where(patches.hr_mask[:, None], standardisation.hr(patches.hr, prior_of(patches, standardisation)), 0)
     features = None
     if histology and patches.histology is not None:
         features = torch.as_tensor(patches.histology, dtype=torch.float32, device=device)
@@ -61,8 +57,9 @@ def patch_batch(patches: Patches, standardisation: Standardisation, device="cpu"
     )
 
 
-def _column(values: np.ndarray) -> np.ndarray:
-    return np.asarray(values, dtype=np.float32)[None, :, None, None]
+def prior_of(patches: Patches, standardisation: Standardisation) -> np.ndarray:
+    """The patches' HR prior (n, genes, S, S) in protocol values (`Standardisation.prior`)."""
+    return standardisation.prior(patches.lr, patches.hr.shape[-1] // patches.lr.shape[-1])
 
 
 class SectionMap(NamedTuple):
@@ -92,9 +89,10 @@ def super_resolve_section(
     scale = standardisation.hr_std[:, None, None]
     for start in range(0, len(origins), batch):
         part = origins[start : start + batch]
-        inputs = patch_batch(cut_patches(pair, part, size), standardisation, device, model.config.uses_histology)
+        patches = cut_patches(pair, part, size)
+        inputs = patch_batch(patches, standardisation, device, model.config.uses_histology)
         drawn = super_resolve(model, inputs.conditions, samples=samples, steps=steps, seed=seed + start)
-        means = standardisation.unscale(drawn.mean.float().cpu().numpy())
+        means = standardisation.unscale(drawn.mean.float().cpu().numpy(), prior_of(patches, standardisation))
         spreads = drawn.spread.float().cpu().numpy() * scale
         for (row, col), m, s in zip(part, means, spreads, strict=True):
             mean[:, row : row + size, col : col + size] = m

@@ -52,6 +52,7 @@ class DiffSTTrainConfig:
     gene_graph: bool = True
     disentangle: bool = True
     cross_attention: bool = True
+    residual: bool = True  # draw each spot's departure from its block's LR value, not the spot's value
     graph_threshold: float = 0.3
     tissue: float = 4.0  # the tissue-scale box, in spot diameters
     min_spots: float = 0.25  # a training patch holds at least this fraction of measured spots
@@ -160,17 +161,22 @@ def load_pairs(
     return pairs, protocol, float(np.median(diameters)) if diameters else None
 
 
-def standardisation_of(pairs: list):
-    """Per-gene mean and standard deviation of the training HR spots and LR blocks."""
+def standardisation_of(pairs: list, residual: bool = True):
+    """Per-gene mean and standard deviation of the training HR targets (spots, or with ``residual`` their
+    departures from their blocks' LR values) and of the LR blocks."""
+    from ..data.superres import nearest_upsampled
     from ..models.diffst_checkpoint import Standardisation
 
-    hr = np.concatenate([p.hr[:, p.hr_mask].T for p in pairs])
+    def target(pair) -> np.ndarray:
+        return pair.hr - nearest_upsampled(pair.lr, pair.factor) if residual else pair.hr
+
+    hr = np.concatenate([target(p)[:, p.hr_mask].T for p in pairs])
     lr = np.concatenate([p.lr[:, p.lr_spots > 0].T for p in pairs])
 
     def spread(values: np.ndarray) -> np.ndarray:
         return np.maximum(values.std(0), 1e-3)  # a gene constant over training stays finite
 
-    return Standardisation(hr.mean(0), spread(hr), lr.mean(0), spread(lr))
+    return Standardisation(hr.mean(0), spread(hr), lr.mean(0), spread(lr), residual)
 
 
 def train_diffst(
@@ -223,7 +229,7 @@ def train_diffst(
     if resumed is not None:
         standardisation, model = resumed.standardisation, resumed.model.train()
     else:
-        standardisation = standardisation_of(train_pairs)
+        standardisation = standardisation_of(train_pairs, config.residual)
         spots = np.concatenate([p.hr[:, p.hr_mask].T for p in train_pairs])
         channels = 0 if pathology is None else len(train_pairs[0].histology)
         torch.manual_seed(config.seed)
