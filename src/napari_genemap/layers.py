@@ -247,6 +247,19 @@ def gene_map_layer(
     return gene_levels(cache, gene), meta, "image"
 
 
+def calibrated_map(cache, gene: str, sdata, field) -> tuple[list, str]:
+    """The levels and colour-bar units of ``gene``'s map calibrated by a correction field
+    (`explore.calibration.field_for`), or of the map itself when ``field`` is None."""
+    from .explore.calibration import calibrated_levels
+    from .infer.view import gene_levels
+
+    pixel_um = map_pixel_um(cache, sdata)
+    if field is None:
+        return gene_levels(cache, gene), f"predicted counts per {pixel_um:.1f} µm map pixel"
+    levels = calibrated_levels(gene_levels(cache, gene), field, cache.grid.map_pixel_size(0))
+    return levels, f"calibrated counts per {pixel_um:.1f} µm pixel"  # short: the canvas clips long lines
+
+
 def map_legend(cache, sdata) -> str:
     """What the colours of `gene_map_layer` and `measured_on_map_layer` mean, and that they differ."""
     return (

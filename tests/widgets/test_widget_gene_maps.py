@@ -383,3 +383,38 @@ def test_the_panel_scrolls_rather_than_overlap_in_a_1400_by_900_window(viewer_wi
 
     qtbot.waitUntil(lambda: shown_whole(maps.status), timeout=5_000)
     assert shown_whole(maps.pcc_label) and shown_whole(maps.legend) and stacked()
+
+
+def test_a_map_calibrated_to_the_measured_spots_integrates_to_their_counts(ready_panels, qtbot):
+    """The "calibrate to measured spots" box: the shown map integrates to each spot's measured counts; unticked,
+    the model's own map is back."""
+    from napari_genemap.infer.disk_sums import integrate_disks
+    from napari_genemap.io import spot_geometry
+
+    viewer, slide_widget, maps = ready_panels
+    layer = maps.add_gene("KRT8")
+    _predicted(maps, qtbot)
+    raw = np.asarray(layer.data[0][:, :])
+    assert maps.calibrate_box.isEnabled()
+    maps.calibrate_box.setChecked(True)
+    qtbot.waitUntil(lambda: "calibrated to 49 measured spots" in maps.status.text(), timeout=120_000)
+    shown = np.asarray(layer.data[0][:, :])
+    centres, radii = spot_geometry(maps.session.slide)
+    pixel = maps.session.cache.grid.map_pixel_size(0)
+
+    def integrals(values):
+        def read(i0, i1, j0, j1, genes):
+            return values[None, i0:i1, j0:j1]
+
+        return integrate_disks(read, values.shape, 1, centres / pixel, radii / pixel)[:, 0]
+
+    measured = np.asarray(maps.session.counts()[:, "KRT8"].X.todense()).ravel()
+    np.testing.assert_allclose(integrals(shown), measured, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(integrals(raw), measured, rtol=0.1)  # the model's own map did not agree
+    assert viewer.canvas.overlays.text.text.splitlines()[1].startswith("colour bar: calibrated counts per")
+    # a second gene added while ticked is calibrated too
+    second = maps.add_gene("MUCL1")
+    qtbot.waitUntil(lambda: second.metadata["genemap"].get("calibrated"), timeout=120_000)
+    maps.calibrate_box.setChecked(False)
+    np.testing.assert_array_equal(np.asarray(layer.data[0][:, :]), raw)
+    assert not layer.metadata["genemap"]["calibrated"]

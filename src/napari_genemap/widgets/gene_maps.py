@@ -17,6 +17,8 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QLineEdit, QListWidget, QPushButton, QWidget
 
+from ..errors import GenemapInputError
+from ..explore.calibration import field_for, measured_circles
 from ..explore.genes import gene_order, model_ready_note, no_match_note, search_genes
 from ..infer.view import progress_text, view_plan
 from ..io import slide_info
@@ -24,6 +26,7 @@ from ..layers import (
     GENE_MAP,
     HE,
     MEASURED_ON_MAP,
+    calibrated_map,
     find_layers,
     gene_map_layer,
     map_legend,
@@ -59,6 +62,13 @@ class GeneMapsWidget(QWidget):
         self.add_button, self.remove_button = QPushButton("Add gene map"), QPushButton("Remove")
         self.pause_box = QCheckBox("Pause prediction")
         self.smooth_box = QCheckBox("Smooth map (linear interpolation)")
+        self.calibrate_box = QCheckBox("Calibrate to measured spots")
+        self.calibrate_box.setToolTip(
+            "Rescale each map by a smooth factor so that it integrates to the measured counts on every measured "
+            "spot: the histology gives the pattern, the measurement the amount (slides with measured spots)"
+        )
+        self.calibrate_box.setEnabled(False)
+        self._fields: dict[tuple[str, str, str], object] = {}  # (cache, slide, gene) -> correction field
         self.status = wrapped_label("open a slide: the Slide & model panel starts the model")
         self.legend = wrapped_label()
         buttons = QHBoxLayout()
@@ -68,7 +78,7 @@ class GeneMapsWidget(QWidget):
         for widget in (self.search, self.search_note, self.genes):
             layout.addWidget(widget)
         layout.addLayout(buttons)
-        for widget in (self.pause_box, self.smooth_box, self.status, self.pcc_label, self.legend):
+        for widget in (self.pause_box, self.smooth_box, self.calibrate_box, self.status, self.pcc_label, self.legend):
             layout.addWidget(widget)
 
         self._view_timer = QTimer(self, singleShot=True, interval=VIEW_DEBOUNCE_MS)
@@ -80,6 +90,7 @@ class GeneMapsWidget(QWidget):
         self.remove_button.clicked.connect(self._remove_selected)
         self.pause_box.toggled.connect(self._pause)
         self.smooth_box.toggled.connect(self._set_interpolation)
+        self.calibrate_box.toggled.connect(self._calibrate)
         self.session.ready.connect(self._on_ready)
         self.session.progress.connect(self._on_progress)
         self.session.error.connect(lambda message: self.status.setText(f"error: {message}"))
@@ -152,6 +163,8 @@ class GeneMapsWidget(QWidget):
         self.viewer.layers.selection.active = layer
         self._follow_view(layer)
         self._view_changed()
+        if self.calibrate_box.isChecked():
+            self._request_field(layer)
         return layer
 
     def _add_map(self, gene: str, cache):
@@ -188,6 +201,9 @@ class GeneMapsWidget(QWidget):
         self._filter(self.search.text())
         rebuilt, dropped = self._rebuild_layers(cache)
         self.status.setText(model_ready_note(self.session.model_name, len(cache.genes), rebuilt, dropped))
+        self.calibrate_box.setEnabled(self.session.counts() is not None)
+        if self.calibrate_box.isChecked():
+            self._calibrate(True)
         self._update_legend()
         self.request_view()  # at once, not throttled: the model is idle until it is asked
 
@@ -282,6 +298,65 @@ class GeneMapsWidget(QWidget):
             if paused
             else "resuming prediction…"
         )
+
+    # --- calibration to the measured spots -------------------------------------------------------------
+    def _calibrate(self, on: bool) -> None:
+        """Show the active slide's maps calibrated (asking the service for what is not known yet), or not."""
+        for layer in self.gene_layers(slide=self.session.slide_key):
+            if on:
+                self._request_field(layer)
+            elif layer.metadata["genemap"].get("calibrated"):
+                self._show(layer, None)
+
+    def _request_field(self, layer) -> None:
+        info = layer.metadata["genemap"]
+        gene, counts = info["gene"], self.session.counts()
+        if counts is None or gene not in counts.var_names:
+            self.status.setText(f"{gene}: not measured on this slide, so its map cannot be calibrated")
+            return
+        key = (info["cache"], info["slide"], gene)
+        if key in self._fields:
+            self._show(layer, self._fields[key])
+            return
+        slide = self.session.slide
+        self.status.setText(
+            f"calibrating {gene}: integrating its map over the {counts.n_obs} measured spots (their tiles are "
+            "predicted first)…"
+        )
+        self.session.aggregate(
+            measured_circles(slide), lambda table, error: self._on_integrals(key, slide, table, error)
+        )
+
+    def _on_integrals(self, key: tuple[str, str, str], slide, table, error: str | None) -> None:
+        cache_path, slide_key, gene = key
+        if error is not None or table is None:
+            self.status.setText(f"{gene}: calibration failed: {error or 'no spot was integrated'}")
+            return
+        try:
+            field = field_for(slide, gene, table)
+        except GenemapInputError as problem:
+            self.status.setText(f"{gene}: {problem}")
+            return
+        self._fields[key] = field
+        if not self.calibrate_box.isChecked():
+            return
+        for layer in self.gene_layers(gene, slide_key):
+            if layer.metadata["genemap"]["cache"] == cache_path:
+                self._show(layer, field)
+        left_out = f"; {field.left_out} left out (the map gives them nothing)" if field.left_out else ""
+        self.status.setText(f"{gene}: calibrated to {field.spots} measured spots{left_out}")
+
+    def _show(self, layer, field) -> None:
+        """Swap a gene layer's data for its calibrated map (``field``) or its map (None)."""
+        cache = self.session.cache
+        info = layer.metadata["genemap"]
+        if cache is None or info["cache"] != str(cache.path):
+            return
+        data, units = calibrated_map(cache, info["gene"], self.session.slide, field)
+        layer.data = data
+        info["units"], info["calibrated"] = units, field is not None
+        self._follow_view(layer)
+        self._on_active_changed()
 
     def _set_interpolation(self, smooth: bool) -> None:
         for layer in self.gene_layers():
