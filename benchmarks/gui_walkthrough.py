@@ -3,7 +3,7 @@
 1. `make napari`'s layout (the example's panels) on the sample; KRT8's map once the view is predicted.
 2. A second gene straight from the cache: its contrast and colour bar.
 3. A full HER2ST section opened with *Open slide…*: it becomes the active slide; KRT8 over the whole
-   section until "view predicted", glass transparent.
+   section until "view predicted", glass transparent; then calibrated to its measured spots.
 4. A model switch (the shipped checkpoint with its gene head's bias lowered by 1, or ``--switch-to CKPT``,
    e.g. a DiffBulk stage-2 dense checkpoint): the maps are rebuilt.
 5. A circle clicked in the Spots panel, with its table row.
@@ -121,6 +121,13 @@ def main() -> None:
     shot("3a_section_predicting")
     print(f"   whole view predicted in {predicted(600):.1f} s; tiles done {maps.tiles_done}")
     shot("3b_section_view_predicted")
+    started = time.perf_counter()
+    maps.calibrate_box.setChecked(True)
+    wait_until(app, lambda: "calibrated to" in maps.status.text(), 600, "calibrated")
+    print(f"   calibrated to the measured spots in {time.perf_counter() - started:.1f} s: {maps.status.text()!r}")
+    app.processEvents()
+    shot("3c_section_calibrated")
+    maps.calibrate_box.setChecked(False)
 
     checkpoint = args.switch_to or dimmer_checkpoint(scratch / "pixnet-dimmer")
     slide_panel.checkpoint.setText(str(checkpoint))

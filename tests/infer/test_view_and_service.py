@@ -246,6 +246,11 @@ def test_cached_level_hides_glass_and_shows_tissue(c3, small_checkpoint, tmp_pat
     tile1 = np.s_[(r // 2) * side : (r // 2 + 1) * side, (c // 2) * side : (c // 2 + 1) * side]
     np.testing.assert_array_equal(np.isnan(coarse[tile1]), ~any_downsample(viewer_cache.tissue(0))[tile1])
     assert np.isfinite(coarse[tile1][~np.isnan(coarse[tile1])]).all() and np.isnan(coarse[tile1]).any()
+    # a box reaching past the map's edge (a view at the slide's corner) reads NaN there, the rest as before
+    rows, cols = coarse.shape
+    wide = CachedLevel(viewer_cache, 1, 2).read(-3, rows + 40, 0, cols + 7)
+    assert wide.shape == (rows + 43, cols + 7) and np.isnan(wide[:3]).all() and np.isnan(wide[-40:]).all()
+    np.testing.assert_array_equal(wide[3 : rows + 3, :cols], coarse)
 
     plain = TileEngine(model, c3, tmp_path / "plain", tile=512, halo=64, skip_background=False)
     try:

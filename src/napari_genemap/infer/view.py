@@ -60,6 +60,7 @@ class CachedLevel:
         return values.squeeze(tuple(squeeze)) if squeeze else values
 
     def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        """Map pixels [i0, i1) x [j0, j1); NaN where not predicted, on glass, or past the map's edge."""
         out = np.full((i1 - i0, j1 - j0), np.nan, np.float32)
         if i1 <= i0 or j1 <= j0:
             return out
@@ -74,8 +75,10 @@ class CachedLevel:
                 self.level, top, bottom, left, right, self.gene
             )
         tissue = self.cache.tissue(self.level)
-        if tissue is not None:
-            out[~tissue[i0:i1, j0:j1]] = np.nan
+        if tissue is not None:  # a box may reach past the map (a view at its edge): there it stays NaN
+            inside = tissue[max(i0, 0) : i1, max(j0, 0) : j1]
+            rows, cols = inside.shape
+            out[max(-i0, 0) : max(-i0, 0) + rows, max(-j0, 0) : max(-j0, 0) + cols][~inside] = np.nan
         return out
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:

@@ -355,8 +355,7 @@ class GeneMapsWidget(QWidget):
         data, units = calibrated_map(cache, info["gene"], self.session.slide, field)
         layer.data = data
         info["units"], info["calibrated"] = units, field is not None
-        self._follow_view(layer)
-        self._on_active_changed()
+        self._on_active_changed()  # the canvas's units; the contrast follows once napari has re-sliced
 
     def _set_interpolation(self, smooth: bool) -> None:
         for layer in self.gene_layers():
