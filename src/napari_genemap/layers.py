@@ -260,10 +260,11 @@ def calibrated_map(cache, gene: str, sdata, field) -> tuple[list, str]:
     return levels, f"calibrated counts per {pixel_um:.1f} µm pixel"  # short: the canvas clips long lines
 
 
-def map_legend(cache, sdata) -> str:
+def map_legend(cache, sdata, calibrated: bool = False) -> str:
     """What the colours of `gene_map_layer` and `measured_on_map_layer` mean, and that they differ."""
+    what = "counts calibrated to the measured spots" if calibrated else "predicted counts"
     return (
-        f"Map (magma): predicted counts per {map_pixel_um(cache, sdata):.0f} µm pixel. Measured spots (viridis): "
+        f"Map (magma): {what} per {map_pixel_um(cache, sdata):.0f} µm pixel. Measured spots (viridis): "
         "ln(1 + counts per 10,000). Different scales: compare patterns, not colours."
     )
 

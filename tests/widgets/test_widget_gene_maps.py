@@ -412,9 +412,11 @@ def test_a_map_calibrated_to_the_measured_spots_integrates_to_their_counts(ready
     np.testing.assert_allclose(integrals(shown), measured, rtol=1e-4, atol=1e-3)
     assert not np.allclose(integrals(raw), measured, rtol=0.1)  # the model's own map did not agree
     assert viewer.canvas.overlays.text.text.splitlines()[1].startswith("colour bar: calibrated counts per")
+    assert maps.legend.text().startswith("Map (magma): counts calibrated to the measured spots per")
     # a second gene added while ticked is calibrated too
     second = maps.add_gene("MUCL1")
     qtbot.waitUntil(lambda: second.metadata["genemap"].get("calibrated"), timeout=120_000)
     maps.calibrate_box.setChecked(False)
     np.testing.assert_array_equal(np.asarray(layer.data[0][:, :]), raw)
     assert not layer.metadata["genemap"]["calibrated"]
+    assert maps.legend.text().startswith("Map (magma): predicted counts per")

@@ -383,7 +383,9 @@ class GeneMapsWidget(QWidget):
 
     def _update_legend(self) -> None:
         ready = self.session.cache is not None and self.session.slide is not None
-        self.legend.setText(map_legend(self.session.cache, self.session.slide) if ready else "")
+        active = self.active_gene_layer()
+        calibrated = active is not None and active.metadata["genemap"].get("calibrated", False)
+        self.legend.setText(map_legend(self.session.cache, self.session.slide, calibrated) if ready else "")
 
 
 def _forget_thumbnail_level(layer) -> None:
