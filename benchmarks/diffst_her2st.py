@@ -172,38 +172,31 @@ def run_fold(args) -> dict:
             train_diffst(config, progress=_progress(f"{test} {variant}"))
         seconds_train = time.perf_counter() - started
         loaded = load_diffst(out)
-        started = time.perf_counter()
-        drawn = super_resolve_section(
-            loaded.model,
-            loaded.standardisation,
-            test_pair,
-            samples=args.samples,
-            steps=args.sample_steps,
-            seed=args.seed,
-        )
-        extra = {
-            "seconds_train": seconds_train,
-            "seconds_sample": time.perf_counter() - started,
-            "calibration": spread_calibration(drawn.mean, drawn.spread, truth, mask),
-            "parameters": sum(p.numel() for p in loaded.model.parameters()),
-        }
-        add(f"Diff-ST, {variant}", np.where(mask, drawn.mean, 0.0), extra)
-        print(test, variant, extra["calibration"], flush=True)
-        if args.more_samples:  # the same model, its mean over more draws: how much is sampling noise
+
+        def scored(samples: int, name: str, extra: dict, loaded=loaded):
+            """The model's mean of ``samples`` draws, scored as row ``name`` with the spread's calibration."""
             started = time.perf_counter()
-            more = super_resolve_section(
+            drawn = super_resolve_section(
                 loaded.model,
                 loaded.standardisation,
                 test_pair,
-                samples=args.more_samples,
+                samples=samples,
                 steps=args.sample_steps,
                 seed=args.seed,
             )
             extra = {
+                **extra,
                 "seconds_sample": time.perf_counter() - started,
-                "calibration": spread_calibration(more.mean, more.spread, truth, mask),
+                "calibration": spread_calibration(drawn.mean, drawn.spread, truth, mask),
             }
-            add(f"Diff-ST, {variant}, {args.more_samples} draws", np.where(mask, more.mean, 0.0), extra)
+            add(name, np.where(mask, drawn.mean, 0.0), extra)
+            print(test, name, extra["calibration"], flush=True)
+            return drawn
+
+        parameters = sum(p.numel() for p in loaded.model.parameters())
+        drawn = scored(args.samples, f"Diff-ST, {variant}", {"seconds_train": seconds_train, "parameters": parameters})
+        if args.more_samples:  # the same model, its mean over more draws: how much is sampling noise
+            scored(args.more_samples, f"Diff-ST, {variant}, {args.more_samples} draws", {})
         if variant == "full":
             np.savez_compressed(
                 args.out / f"maps-{test}.npz",

@@ -66,6 +66,19 @@ def test_between_spots_the_factor_blends_continuously_from_the_rims(crop):
     nearest = np.argsort(np.linalg.norm(yx - yx[spot], axis=1))[1]
     middle = field.at((yx[spot : spot + 1] + yx[nearest : nearest + 1]) / 2)[0]
     assert factors.min() < middle < factors[spot]
+    # on a grid (what a view reads): the same factors, exactly on the disks, within 5 % between them
+    rows, cols, pixel = np.arange(7, 300), np.arange(3, 230), 3.0
+    y, x = np.meshgrid((rows + 0.5) * pixel, (cols + 0.5) * pixel, indexing="ij")
+    pointwise = field.at(np.column_stack([y.ravel(), x.ravel()]), reach=2.0).reshape(y.shape)
+    gridded = field.grid(rows, cols, pixel, reach=2.0)
+    on_disk = np.zeros(y.shape, bool)
+    for (cy, cx), r in zip(yx, radii, strict=True):
+        on_disk |= np.hypot(y - cy, x - cx) <= r + 2.0
+    assert on_disk.mean() > 0.1 and (~on_disk).mean() > 0.1
+    np.testing.assert_array_equal(gridded[on_disk], pointwise[on_disk])
+    np.testing.assert_allclose(gridded, pointwise, rtol=0.05)
+    # a window of the grid reads the same values as the whole
+    np.testing.assert_array_equal(field.grid(rows[50:90], cols[21:40], pixel, 2.0), gridded[50:90, 21:40])
 
 
 def test_nan_stays_nan_and_unpredicted_spots_are_left_out(crop):

@@ -17,16 +17,13 @@ from .cache import GeneMapCache
 TileKey = tuple[int, int, int]  # (level, row, column)
 
 
-class CachedLevel:
-    """One gene's map at one level, read from the cache; NaN where the tile is missing or on glass.
-    Array-like (what napari needs: shape, dtype, ndim, slicing)."""
+class MapLevel:
+    """A 2-D level of a gene map that napari can hold (shape, dtype, ndim, slicing with positive steps);
+    a subclass sets ``shape`` and says how to `read` a box of map pixels."""
 
     dtype = np.dtype("float32")
     ndim = 2
-
-    def __init__(self, cache: GeneMapCache, level: int, gene: int):
-        self.cache, self.level, self.gene = cache, level, gene
-        self.shape = tuple(int(s) for s in cache.grid.map_shape(level))
+    shape: tuple[int, ...]
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -60,6 +57,22 @@ class CachedLevel:
         return values.squeeze(tuple(squeeze)) if squeeze else values
 
     def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = self[:, :]
+        return values if dtype is None else values.astype(dtype)
+
+
+class CachedLevel(MapLevel):
+    """One gene's map at one level, read from the cache; NaN where the tile is missing or on glass.
+    Array-like (what napari needs: shape, dtype, ndim, slicing)."""
+
+    def __init__(self, cache: GeneMapCache, level: int, gene: int):
+        self.cache, self.level, self.gene = cache, level, gene
+        self.shape = tuple(int(s) for s in cache.grid.map_shape(level))
+
+    def read(self, i0: int, i1: int, j0: int, j1: int) -> np.ndarray:
         """Map pixels [i0, i1) x [j0, j1); NaN where not predicted, on glass, or past the map's edge."""
         out = np.full((i1 - i0, j1 - j0), np.nan, np.float32)
         if i1 <= i0 or j1 <= j0:
@@ -80,10 +93,6 @@ class CachedLevel:
             rows, cols = inside.shape
             out[max(-i0, 0) : max(-i0, 0) + rows, max(-j0, 0) : max(-j0, 0) + cols][~inside] = np.nan
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        values = self[:, :]
-        return values if dtype is None else values.astype(dtype)
 
 
 def gene_levels(cache: GeneMapCache, gene: str) -> list[CachedLevel]:

@@ -46,9 +46,9 @@ class Standardisation:
     the model sees and draws standardised maps; `unscale` brings them back.
 
     With ``residual`` the HR target is each spot's departure from its block's LR value (`prior`: the LR map's
-    nearest upsampling), so the model draws only what the LR map does not say, and one that has learnt
-    nothing returns the nearest upsampling rather than noise. Without it (``residual`` False, as checkpoints
-    written before it) the target is the HR map itself."""
+    nearest upsampling), so the draws centre on the LR map and the model only learns what the LR map
+    does not say, on the scale of the departures rather than of the spots. Without it (``residual`` False,
+    as checkpoints written before it) the target is the HR map itself."""
 
     hr_mean: np.ndarray
     hr_std: np.ndarray
