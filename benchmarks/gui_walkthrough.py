@@ -61,6 +61,7 @@ def main() -> None:
     out = Path(args.out)
 
     import napari
+    from qtpy.QtCore import QEvent
     from qtpy.QtWidgets import QApplication
 
     from napari_genemap.widgets.session import session_for
@@ -83,6 +84,9 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.3)
         app.processEvents()
+        # a line whose text changed in that last pass still has its old height until its layout request is
+        # handled, which napari's grab does not wait for (a user never sees it: Qt lays out before painting)
+        app.sendPostedEvents(None, QEvent.Type.LayoutRequest)
         viewer.screenshot(str(out / f"walkthrough_{name}.png"), canvas_only=False, flash=False)
         print(f"  screenshot {out / f'walkthrough_{name}.png'}")
 

@@ -179,3 +179,28 @@ def test_stain_jitter_strength_is_a_switch(sample_slide):
     assert spreads[0.3] > 3 * spreads[0.05] > 0
     with pytest.raises(GenemapInputError, match="stain_jitter 2.0: expected 0 .none. to 1"):
         TrainConfig.from_dict({"slides": [{"path": "data"}], "out": "ckpt", "stain_jitter": 2.0})
+
+
+def test_bfloat16_precision_runs_the_forward_pass_under_autocast(tmp_path, sample_slide):
+    """The same first batch in both precisions: bf16's loss is near float32's but not the same number (the
+    switch reaches the model); the checkpoint keeps float32 weights."""
+    from napari_genemap.train.pixnet import train_pixnet
+
+    mpp = 4.0
+    slide = load_training_slide(sample_slide, hist2st(), mpp, "B4_crop")
+    first = {}
+    for precision in ("float32", "bfloat16"):
+        config = TrainConfig(
+            slides=[{"path": "unused", "name": "B4_crop"}], out=str(tmp_path / precision), mpp=mpp, window=64,
+            batch=2, steps=1, lr=1e-3, weights="random", stride=8, precision=precision,
+        )  # fmt: skip
+        records = []
+        torch.manual_seed(0)
+        train_pixnet(config, slides={"B4_crop": slide}, protocol=hist2st(), on_metrics=records.append)
+        first[precision] = records[0]["loss"]
+        assert load_checkpoint(tmp_path / precision).model.head.weight.dtype == torch.float32
+    assert np.isfinite(first["bfloat16"])
+    assert first["bfloat16"] != first["float32"]
+    assert first["bfloat16"] == pytest.approx(first["float32"], rel=0.05)
+    with pytest.raises(GenemapInputError, match="precision 'float8': expected float32 or bfloat16"):
+        TrainConfig.from_dict({"slides": [{"path": "data"}], "out": "ckpt", "precision": "float8"})

@@ -48,6 +48,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0 = torch's default
     save_dtype: str = "float32"  # "float16" halves the shipped file
+    precision: str = "float32"  # "bfloat16": the model's forward pass under autocast (loss and weights stay
+    # float32), about a third faster per step on CPUs with bf16 instructions and on recent GPUs
     resume: str | None = None  # a checkpoint folder to continue from (its weights and step count)
 
     @classmethod
@@ -80,6 +82,8 @@ class TrainConfig:
             raise GenemapInputError(f"{source}: gene_basis is given but gene_rank is 0; set the rank it starts")
         if self.save_dtype not in ("float32", "float16"):
             raise GenemapInputError(f"{source}: save_dtype {self.save_dtype!r}: expected float32 or float16")
+        if self.precision not in ("float32", "bfloat16"):
+            raise GenemapInputError(f"{source}: precision {self.precision!r}: expected float32 or bfloat16")
 
 
 def check_fields(config_class: type, data: object, source: str) -> None:

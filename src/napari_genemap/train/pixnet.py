@@ -187,6 +187,8 @@ def train_pixnet(
         if config.gene_rank:
             model.set_gene_components(torch.from_numpy(gene_basis(config, train_slides, protocol)))
         model = model.to(device)
+    # channels-last convolutions: the same numbers, a third less time per step on a CPU (oneDNN)
+    model = model.to(memory_format=torch.channels_last)
     raw_term = RawTerm(config.raw_loss, protocol.n_genes).to(device)
     optimiser = make_optimiser(model, config)
     if list(raw_term.parameters()):  # the negative binomial's dispersions learn at the decoder's rate
@@ -216,8 +218,9 @@ def train_pixnet(
             break
         model.train()
         batch = sampler.batch(config.batch)
-        images = torch.from_numpy(batch.images).to(device)
-        density = model(images)
+        images = torch.from_numpy(batch.images).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=config.precision == "bfloat16"):
+            density = model(images).float()
         predicted = torch.cat(
             [
                 aggregate_disks(density[i], torch.as_tensor(c), torch.as_tensor(r), stride=config.stride)
