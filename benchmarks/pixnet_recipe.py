@@ -21,6 +21,7 @@ counts; the images of only five are here).
     python benchmarks/pixnet_recipe.py --fold C3 --steps 3000 --tag nb --set raw_loss='"nb"'
     python benchmarks/pixnet_recipe.py --fold C3 --tag ensemble --ensemble baseline seed1 seed2
     python benchmarks/pixnet_recipe.py --table
+    python benchmarks/pixnet_recipe.py --curves
 """
 
 from __future__ import annotations
@@ -252,6 +253,39 @@ def table(out: Path) -> None:
         )
 
 
+def curves(out: Path) -> Path:
+    """Validation (solid) and test (dashed, report only) mean PCC against steps of every run's curve, from
+    the finished runs' results and the unfinished ones' ``curve.jsonl``; the chosen step ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {p.parent.name: read_curve(p) for p in sorted(out.glob("*/curve.jsonl"))}
+    for path in sorted(RESULTS.glob("pixnet_recipe_*.json")):
+        result = json.loads(path.read_text())
+        if "curve" in result:
+            runs[f"{result['fold']}-{result['tag']}"] = result["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for colour, (name, curve) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"], runs.items()):
+        steps = [r["step"] for r in curve]
+        held_out = split(name.split("-")[0])[0]
+        label = f"{name} validation ({held_out})"
+        ax.plot(steps, [r["validation"] for r in curve], "-o", ms=3, color=colour, label=label)
+        ax.plot(steps, [r["test"] for r in curve], "--", color=colour, label=f"{name} test (report only)")
+        chosen = max(curve, key=lambda r: r["validation"])
+        ax.plot(chosen["step"], chosen["validation"], "o", ms=10, mfc="none", color=colour)
+    ax.set_xlabel("training step (batch 8)")
+    ax.set_ylabel("mean PCC over 785 genes (spot-centred windows)")
+    ax.set_title("PixNet learning curves, leave-one-section-out (protocol hist2st)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = RESULTS / "pixnet_curves.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fold", choices=SECTIONS)
@@ -270,9 +304,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/pixnet-recipe"))
     parser.add_argument("--ensemble", nargs="+", metavar="TAG", help="score the mean of these finished runs")
     parser.add_argument("--table", action="store_true")
+    parser.add_argument("--curves", action="store_true", help="draw every run's curve to results/pixnet_curves.png")
     args = parser.parse_args()
     if args.table:
         table(args.out)
+        return 0
+    if args.curves:
+        print(curves(args.out))
         return 0
     if args.fold is None:
         parser.error("--fold is required (or --table)")
