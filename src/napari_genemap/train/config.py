@@ -49,7 +49,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     save_dtype: str = "float32"  # "float16" halves the shipped file
     precision: str = "float32"  # "bfloat16": the model's forward pass under autocast (loss and weights stay
-    # float32), about a third faster per step on CPUs with bf16 instructions and on recent GPUs
+    # float32), for GPUs with fast bf16; on the 2-core CPU a long run was no faster (README, issue 13)
     resume: str | None = None  # a checkpoint folder to continue from (its weights and step count)
 
     @classmethod
