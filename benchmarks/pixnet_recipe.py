@@ -313,7 +313,7 @@ def main() -> int:
         print(curves(args.out))
         return 0
     if args.fold is None:
-        parser.error("--fold is required (or --table)")
+        parser.error("--fold is required (or --table, --curves)")
     if args.ensemble:
         ensemble(args)
         return 0

@@ -182,8 +182,8 @@ def test_stain_jitter_strength_is_a_switch(sample_slide):
 
 
 def test_bfloat16_precision_runs_the_forward_pass_under_autocast(tmp_path, sample_slide):
-    """The same first batch in both precisions: bf16's loss is near float32's but not the same number (the
-    switch reaches the model); the checkpoint keeps float32 weights."""
+    """The same first batch in both precisions (the run seeds itself): bf16's loss is near float32's but not the
+    same number, so the switch reaches the model."""
     from napari_genemap.train.pixnet import train_pixnet
 
     mpp = 4.0
@@ -195,10 +195,8 @@ def test_bfloat16_precision_runs_the_forward_pass_under_autocast(tmp_path, sampl
             batch=2, steps=1, lr=1e-3, weights="random", stride=8, precision=precision,
         )  # fmt: skip
         records = []
-        torch.manual_seed(0)
         train_pixnet(config, slides={"B4_crop": slide}, protocol=hist2st(), on_metrics=records.append)
         first[precision] = records[0]["loss"]
-        assert load_checkpoint(tmp_path / precision).model.head.weight.dtype == torch.float32
     assert np.isfinite(first["bfloat16"])
     assert first["bfloat16"] != first["float32"]
     assert first["bfloat16"] == pytest.approx(first["float32"], rel=0.05)
